@@ -1,0 +1,1 @@
+"""The ``neva`` command line: one thin module per subcommand."""

@@ -1,0 +1,1 @@
+"""Tokenizer tools: adding special tokens to sentencepiece and Hugging Face tokenizers, inspection."""

@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic outputs, logging and progress."""
