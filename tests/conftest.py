@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
+import sys
 from pathlib import Path
 
 import pytest
 
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
-SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
-PLACES = ["top left", "top right", "bottom left", "bottom right", "centre"]
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def caption_corpus() -> list[str]:
-    """Deterministic captions and questions about coloured shapes."""
-    lines = []
-    for colour, shape, place in itertools.product(COLOURS, SHAPES, PLACES):
-        lines.append(f"A {colour} {shape} in the {place} of the image.")
-        lines.append(f"What colour is the {shape}? The {shape} is {colour}.")
-        lines.append(f"Where is the {colour} {shape}? It is in the {place}.")
-    return lines
+from builders import TINY_LLMS, build_tiny_llm, caption_corpus
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +38,17 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]
     out = tmp_path_factory.mktemp("hf") / "tokenizer"
     fast.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_LLMS))
+def tiny_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Path:
+    """A tiny HF model directory for each family (sharded safetensors for llama)."""
+    family = request.param
+    shard = "60KB" if family == "llama" else None
+    return build_tiny_llm(family, tmp_path_factory.mktemp(family) / "hf", sp_model=sp_model, shard=shard)
+
+
+@pytest.fixture(scope="session")
+def llama_hf(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Path:
+    """One tiny LLaMA (GQA, untied) for tests that need a single model."""
+    return build_tiny_llm("llama", tmp_path_factory.mktemp("llama_single") / "hf", sp_model=sp_model)

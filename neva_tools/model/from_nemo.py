@@ -1,0 +1,89 @@
+"""Loading a ``.nemo`` LLM into a megatron-core ``GPTModel`` at the tensor-parallel size of the running job.
+
+Any saved TP/layout loads at any running TP: a legacy archive saved at the running TP is read rank by
+rank; otherwise the full tensors are rebuilt with the mapping table's merge rules and re-split for this
+rank (vocabulary padding adjusted). Names are checked both ways and shapes are compared.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from neva_tools.checkpoint import tp as tp_rules
+from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.checkpoint.nemo_tensors import NemoTensors, canonical_name, load_arch
+from neva_tools.errors import NevaError
+from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
+from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+
+
+def local_spec_name(canonical: str) -> str:
+    """Canonical archive name (``model.``-prefixed, TE layer-norm names) → local-spec ``GPTModel`` state-dict key."""
+    name = canonical.removeprefix("model.")
+    for te_name, local_name in LOCAL_SPEC_NAMES.items():
+        if name.endswith("." + te_name):
+            return name[: -len(te_name)] + local_name
+    return name
+
+
+def rank_state_dict(archive: NemoArchive, arch: LlamaArch, tp: int, rank: int, padded: int) -> dict[str, torch.Tensor]:
+    """This TP rank's tensors, keyed by canonical name."""
+    if archive.layout == "legacy" and archive.legacy_ranks() == (tp, 1):
+        raw = archive.load_legacy(rank, 0)
+        state = {c: t for n, t in raw.items() if (c := canonical_name(n)) is not None}
+        expected = {name for name, _, _ in arch.entries()}
+        if set(state) == expected:
+            return state
+    tensors = NemoTensors(archive, arch)
+    return {
+        name: tp_rules.shard(tensors.full(name), tensors.entries[name], tp, rank, padded_vocab=padded)
+        for name in tensors.names()
+    }
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy canonical-named tensors into ``model``; unknown, missing or mis-shaped tensors are listed."""
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    mapped = {local_spec_name(name): tensor for name, tensor in state.items()}
+    missing = sorted(set(target) - set(mapped))
+    unexpected = sorted(set(mapped) - set(target))
+    wrong = [f"{k}: file {list(mapped[k].shape)} vs model {list(target[k].shape)}"
+             for k in sorted(set(target) & set(mapped)) if mapped[k].shape != target[k].shape]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise NevaError(
+            f"{source} does not fit the model built from its config:"
+            + (f"\n  missing: {', '.join(missing)}" if missing else "")
+            + (f"\n  unexpected: {', '.join(unexpected)}" if unexpected else "")
+            + ("\n  shape mismatch: " + "; ".join(wrong) if wrong else "")
+        )
+    with torch.no_grad():
+        for key, tensor in mapped.items():
+            target[key].copy_(tensor)
+
+
+def load_gpt_from_nemo(
+    path: str | os.PathLike, *, params_dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any], LlamaArch]:
+    """Build a local-spec ``GPTModel`` for this process's TP rank and load the ``.nemo`` weights into it.
+
+    Needs megatron's parallel state (``neva_tools.model.parallel.init_distributed``); returns
+    (model, model config as used, architecture).
+    """
+    from megatron.core import parallel_state
+
+    from neva_tools.model.gpt import build_gpt_model
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with NemoArchive(path) as archive:
+        cfg, arch = load_arch(archive)
+        tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
+        cfg = {**cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1, **(overrides or {})}
+        divisible = int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
+        padded = padded_vocab_size(arch.vocab_size, tp, divisible)
+        model = build_gpt_model(cfg, padded_vocab_size=padded, params_dtype=params_dtype)
+        load_state_into(model, rank_state_dict(archive, arch, tp, rank, padded), str(path))
+    return model, cfg, arch

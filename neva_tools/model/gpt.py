@@ -1,0 +1,293 @@
+"""Build a megatron-core ``GPTModel`` (local spec, no Transformer Engine) from a NeMo-style ``model:`` config.
+
+Supported NeMo keys (others are ignored): ``num_layers, hidden_size, ffn_hidden_size, num_attention_heads,
+num_query_groups, kv_channels, encoder_seq_length, max_position_embeddings, position_embedding_type, rotary_base,
+rotary_percentage, seq_len_interpolation_factor, scale_positional_embedding, rope_scaling_factor, rope_scaling,
+normalization, layernorm_epsilon, activation, bias, qkv_bias, share_embeddings_and_output_weights, hidden_dropout,
+attention_dropout, init_method_std, tensor_model_parallel_size, pipeline_model_parallel_size,
+apply_query_key_layer_scaling, persist_layer_norm, masked_softmax_fusion, bias_activation_fusion,
+bias_dropout_add_fusion``. Defaults are NeMo's.
+
+LLaMA-3.1 RoPE scaling: megatron-core 0.16.1 takes ``rope_scaling`` (on/off) and ``rope_scaling_factor`` as
+``GPTModel`` arguments, but ``RotaryEmbedding`` calls ``_apply_scaling(inv_freq, factor=...)`` only, so
+``low_freq_factor=1``, ``high_freq_factor=4`` and ``original_max_position_embeddings=8192`` are fixed (these are
+LLaMA-3.1's and LLaMA-3.2's values). A config asking for other values is rejected rather than silently mis-built.
+The scaling is switched on by NeMo's ``scale_positional_embedding: true`` (factor from ``rope_scaling_factor``,
+default 8) or by a Hugging Face style ``rope_scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+original_max_position_embeddings}`` mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from neva_tools.errors import NevaError
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+logger = logging.getLogger(__name__)
+
+# What megatron-core 0.16.1's RotaryEmbedding._apply_scaling uses whatever the config says (only `factor` is passed).
+MCORE_FIXED_ROPE_SCALING = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+DEFAULT_ROPE_SCALING_FACTOR = 8.0
+
+NORMALIZATIONS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
+
+# NeMo activation name -> (activation function, gated linear unit)
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
+    "gelu": (F.gelu, False),
+    "geglu": (F.gelu, True),
+    "fast-geglu": (F.gelu, True),
+    "swiglu": (F.silu, True),
+    "fast-swiglu": (F.silu, True),
+    "relu": (F.relu, False),
+    "reglu": (F.relu, True),
+    "fast-reglu": (F.relu, True),
+}
+
+POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of the model section of a NeMo config (a dict or DictConfig, with or without ``model:``)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
+        raise NevaError(f"the model config must be a mapping of NeMo `model:` keys, found {type(cfg).__name__}")
+    cfg = dict(cfg)
+    if "num_layers" not in cfg and isinstance(cfg.get("model"), Mapping):
+        cfg = dict(cfg["model"])
+    return cfg
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """``cfg[key]`` (or ``default`` when absent/null) checked to be a positive integer."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise NevaError(f"the model config has no `{key}`; set model.{key} (a positive integer)")
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise NevaError(f"model.{key} must be a positive integer, found {value!r}")
+    return value
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``cfg[key]``, or ``default`` when it is absent or null."""
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def _rope_scaling(cfg: Mapping[str, Any]) -> tuple[bool, float]:
+    """(rope_scaling, rope_scaling_factor) for ``GPTModel``; NevaError for values megatron-core cannot represent."""
+    flag = cfg.get("scale_positional_embedding")
+    mapping = cfg.get("rope_scaling")
+    factor = cfg.get("rope_scaling_factor")
+    if mapping is None:
+        return bool(flag), float(DEFAULT_ROPE_SCALING_FACTOR if factor is None else factor)
+    if not isinstance(mapping, Mapping):
+        raise NevaError(f"model.rope_scaling must be a mapping (LLaMA-3.1 style) or null, found {mapping!r}")
+    if flag is False:
+        raise NevaError(
+            f"model.scale_positional_embedding is false but model.rope_scaling is set ({dict(mapping)}); "
+            "remove one of them"
+        )
+    rope_type = mapping.get("rope_type", mapping.get("type", "llama3"))
+    if rope_type != "llama3":
+        raise NevaError(
+            f"model.rope_scaling.rope_type is {rope_type!r}; megatron-core's RotaryEmbedding only implements 'llama3'"
+        )
+    if mapping.get("factor") is not None:
+        if factor is not None and float(factor) != float(mapping["factor"]):
+            raise NevaError(
+                f"model.rope_scaling.factor ({mapping['factor']}) and model.rope_scaling_factor ({factor}) differ; "
+                "keep one"
+            )
+        factor = mapping["factor"]
+    for key, fixed in MCORE_FIXED_ROPE_SCALING.items():
+        if key in mapping and mapping[key] is not None and float(mapping[key]) != float(fixed):
+            raise NevaError(
+                f"model.rope_scaling.{key} is {mapping[key]} but megatron-core 0.16.1 hard-codes {key}={fixed} "
+                "in RotaryEmbedding._apply_scaling; this RoPE scaling cannot be built"
+            )
+    return True, float(DEFAULT_ROPE_SCALING_FACTOR if factor is None else factor)
+
+
+def gpt_model_kwargs(cfg: Any) -> dict[str, Any]:
+    """The ``GPTModel`` constructor arguments that are not part of ``TransformerConfig`` (positions, sharing).
+
+    ``max_sequence_length`` is ``encoder_seq_length`` as in NeMo's megatron-core path (else
+    ``max_position_embeddings``, else 512); it sizes the learned position table and nothing else.
+    """
+    cfg = _as_dict(cfg)
+    position_embedding_type = _get(cfg, "position_embedding_type", "learned_absolute")
+    if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+        raise NevaError(
+            f"model.position_embedding_type is {position_embedding_type!r}; "
+            f"supported: {', '.join(POSITION_EMBEDDING_TYPES)}"
+        )
+    rope_scaling, rope_scaling_factor = _rope_scaling(cfg)
+    if rope_scaling and position_embedding_type != "rope":
+        raise NevaError(
+            f"RoPE scaling is requested but model.position_embedding_type is {position_embedding_type!r}; "
+            "set position_embedding_type: rope"
+        )
+    max_sequence_length = _get(cfg, "encoder_seq_length", _get(cfg, "max_position_embeddings", 512))
+    return {
+        "max_sequence_length": max_sequence_length,
+        "share_embeddings_and_output_weights": bool(_get(cfg, "share_embeddings_and_output_weights", True)),
+        "position_embedding_type": position_embedding_type,
+        "rotary_percent": float(_get(cfg, "rotary_percentage", 1.0)),
+        "rotary_base": _get(cfg, "rotary_base", 10000),
+        "rope_scaling": rope_scaling,
+        "rope_scaling_factor": rope_scaling_factor,
+        "seq_len_interpolation_factor": cfg.get("seq_len_interpolation_factor"),
+    }
+
+
+def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """A megatron-core ``TransformerConfig`` from NeMo ``model:`` keys, validated early with ``NevaError``.
+
+    On CPU, fusions (``persist_layer_norm``, ``masked_softmax_fusion``, ``bias_activation_fusion``,
+    ``bias_dropout_add_fusion``) are switched off and weights are initialized on the CPU.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = _as_dict(cfg)
+    num_layers = _positive_int(cfg, "num_layers")
+    hidden_size = _positive_int(cfg, "hidden_size")
+    heads = _positive_int(cfg, "num_attention_heads")
+    groups = _positive_int(cfg, "num_query_groups", heads)
+    tp = _positive_int(cfg, "tensor_model_parallel_size", 1)
+    pp = _positive_int(cfg, "pipeline_model_parallel_size", 1)
+    if heads % groups != 0:
+        raise NevaError(f"num_attention_heads ({heads}) must be divisible by num_query_groups ({groups})")
+    if heads % tp != 0:
+        raise NevaError(f"tensor_model_parallel_size ({tp}) must divide num_attention_heads ({heads})")
+    if groups % tp != 0:
+        raise NevaError(f"tensor_model_parallel_size ({tp}) must divide num_query_groups ({groups})")
+    if num_layers % pp != 0:
+        raise NevaError(f"pipeline_model_parallel_size ({pp}) must divide num_layers ({num_layers})")
+    kv_channels = cfg.get("kv_channels")
+    if kv_channels is None and hidden_size % heads != 0:
+        raise NevaError(
+            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({heads}), or set kv_channels"
+        )
+
+    normalization = str(_get(cfg, "normalization", "layernorm")).lower()
+    if normalization not in NORMALIZATIONS:
+        raise NevaError(f"model.normalization is {normalization!r}; supported: {', '.join(NORMALIZATIONS)}")
+    activation = str(_get(cfg, "activation", "gelu")).lower()
+    if activation not in ACTIVATIONS:
+        raise NevaError(f"model.activation is {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    activation_func, gated = ACTIVATIONS[activation]
+    gpt_model_kwargs(cfg)  # validate position-embedding keys early too
+
+    cuda = torch.cuda.is_available()
+    fusions = {
+        "persist_layer_norm": bool(_get(cfg, "persist_layer_norm", False)),
+        "masked_softmax_fusion": bool(_get(cfg, "masked_softmax_fusion", True)),
+        "bias_activation_fusion": bool(_get(cfg, "bias_activation_fusion", True)),
+        "bias_dropout_fusion": bool(_get(cfg, "bias_dropout_add_fusion", True)),
+    }
+    if not cuda:
+        fusions = dict.fromkeys(fusions, False)
+    qk_layer_scaling = bool(_get(cfg, "apply_query_key_layer_scaling", False)) and normalization != "rmsnorm"
+    try:
+        return TransformerConfig(
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            ffn_hidden_size=cfg.get("ffn_hidden_size"),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            kv_channels=kv_channels,
+            normalization=NORMALIZATIONS[normalization],
+            layernorm_epsilon=float(_get(cfg, "layernorm_epsilon", 1e-5)),
+            activation_func=activation_func,
+            gated_linear_unit=gated,
+            add_bias_linear=bool(_get(cfg, "bias", True)),
+            add_qkv_bias=bool(_get(cfg, "qkv_bias", False)),
+            hidden_dropout=float(_get(cfg, "hidden_dropout", 0.1)),
+            attention_dropout=float(_get(cfg, "attention_dropout", 0.1)),
+            init_method_std=float(_get(cfg, "init_method_std", 0.02)),
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            apply_query_key_layer_scaling=qk_layer_scaling,
+            use_cpu_initialization=not cuda,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            **fusions,
+        )
+    except (AssertionError, ValueError) as err:
+        raise NevaError(f"megatron-core rejected the model config: {err}") from err
+
+
+def build_gpt_model(
+    cfg: Any,
+    *,
+    padded_vocab_size: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    params_dtype: torch.dtype = torch.float32,
+) -> GPTModel:
+    """A megatron-core ``GPTModel`` with the local layer spec, built with ``parallel_output=True``.
+
+    Needs megatron's parallel state (``neva_tools.model.parallel.init_distributed``) with the config's TP/PP sizes.
+    Forward returns vocab-parallel logits ``[b, s, V / TP]``; pass ``runtime_gather_output=True`` or use
+    :func:`gather_logits` for the full vocabulary (labels work with the parallel logits).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config_from_nemo(cfg, params_dtype=params_dtype)
+    tp = config.tensor_model_parallel_size
+    if padded_vocab_size < 1 or padded_vocab_size % tp != 0:
+        raise NevaError(
+            f"padded_vocab_size ({padded_vocab_size}) must be a positive multiple of "
+            f"tensor_model_parallel_size ({tp}); pad it with neva_tools.tokenizer.vocab.padded_vocab_size"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        raise NevaError("megatron parallel state is not initialized; call neva_tools.model.parallel.init_distributed()")
+    initialized_sizes = {
+        "tensor_model_parallel_size": (tp, parallel_state.get_tensor_model_parallel_world_size()),
+        "pipeline_model_parallel_size": (
+            config.pipeline_model_parallel_size,
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        ),
+    }
+    for name, (want, have) in initialized_sizes.items():
+        if want != have:
+            raise NevaError(
+                f"model.{name} is {want} but the process group was initialized with {have}; "
+                f"call init_distributed with the same sizes as the config"
+            )
+    kwargs = gpt_model_kwargs(cfg)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        **kwargs,
+    )
+    logger.debug("built GPTModel: %d parameters on this rank", sum(p.numel() for p in model.parameters()))
+    return model
+
+
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from vocab-parallel ones (all-gather on the last dim; differentiable)."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)

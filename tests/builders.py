@@ -1,0 +1,83 @@
+"""Builders of tiny test inputs (no downloads): caption text and random Hugging Face LLMs.
+
+Importable from any test as ``import builders`` (``tests/`` is put on ``sys.path`` by ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
+PLACES = ["top left", "top right", "bottom left", "bottom right", "centre"]
+
+
+def caption_corpus() -> list[str]:
+    """Deterministic captions and questions about coloured shapes."""
+    lines = []
+    for colour, shape, place in itertools.product(COLOURS, SHAPES, PLACES):
+        lines.append(f"A {colour} {shape} in the {place} of the image.")
+        lines.append(f"What colour is the {shape}? The {shape} is {colour}.")
+        lines.append(f"Where is the {colour} {shape}? It is in the {place}.")
+    return lines
+
+
+#: Tiny configs per family: GQA and MHA, tied and untied, rope scaling, Qwen2's QKV biases.
+TINY_LLMS = {
+    "llama": dict(arch="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
+    "llama3": dict(
+        arch="LlamaForCausalLM",
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "mistral": dict(arch="MistralForCausalLM", num_key_value_heads=4, tie_word_embeddings=False, sliding_window=None),
+    "qwen2": dict(arch="Qwen2ForCausalLM", num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def build_tiny_llm(
+    family: str,
+    out: Path,
+    *,
+    sp_model: Path | None = None,
+    shard: str | None = None,
+    hidden: int = 64,
+    layers: int = 2,
+) -> Path:
+    """Save a tiny random HF model of ``family`` (fp32, all weights random incl. norms) into ``out``."""
+    import torch
+    import transformers
+
+    spec = dict(TINY_LLMS[family])
+    arch = spec.pop("arch")
+    config_cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig"}.get(arch, "Qwen2Config")
+    config = getattr(transformers, config_cls)(
+        vocab_size=300,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        **spec,
+    )
+    config.architectures = [arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn_like(param)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.05 * noise)
+    model.save_pretrained(str(out), max_shard_size=shard or "50MB")
+    if sp_model is not None:
+        (out / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    return out

@@ -1,0 +1,201 @@
+"""Each megatron-core CPU patch makes the call site it targets work (one test per patch)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neva_tools.model import cpu_compat
+from neva_tools.model.cpu_compat import apply_cpu_compat, model_parallel_seed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_helpers import in_process_distributed
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches are not applied when CUDA is available")
+
+
+@pytest.fixture(scope="module")
+def dist() -> Iterator[None]:
+    with in_process_distributed(tp=1):
+        yield
+
+
+def _patched_objects() -> list[object]:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    return [
+        torch.cuda.current_device,
+        torch.cuda.synchronize,
+        transformer_utils.get_default_causal_mask,
+        fused_softmax.get_default_causal_mask,
+        fused_softmax.get_sliding_window_causal_mask,
+        CLIPViTModel.__init__,
+        mcore_random._CUDA_RNG_STATE_TRACKER,
+    ]
+
+
+def test_apply_is_idempotent() -> None:
+    apply_cpu_compat()
+    before = _patched_objects()
+    apply_cpu_compat()
+    for patch in (
+        cpu_compat.patch_rng_tracker,
+        cpu_compat.patch_cuda_current_device,
+        cpu_compat.patch_causal_masks,
+        cpu_compat.patch_cuda_synchronize,
+        cpu_compat.patch_clip_vit_model,
+    ):
+        patch()
+    after = _patched_objects()
+    assert all(a is b for a, b in zip(before, after, strict=True))
+    assert "cuda" not in torch.Tensor.__dict__  # the construction-time .cuda() no-op did not leak
+
+
+def test_noop_when_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    for name in ("check_megatron_version", "patch_rng_tracker", "patch_cuda_current_device", "patch_causal_masks"):
+        monkeypatch.setattr(cpu_compat, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(cpu_compat, "_APPLIED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    apply_cpu_compat()
+    assert calls == []
+    assert cpu_compat._APPLIED is False
+
+
+def test_version_mismatch_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import megatron.core
+
+    assert cpu_compat.check_megatron_version()
+    monkeypatch.setattr(megatron.core, "__version__", "0.99.0")
+    with caplog.at_level(logging.WARNING, logger=cpu_compat.__name__):
+        assert not cpu_compat.check_megatron_version()
+    assert "0.99.0" in caplog.text and "0.16.1" in caplog.text
+
+
+def test_rng_tracker_makes_dropout_work_and_reproducible() -> None:
+    from megatron.core import tensor_parallel
+
+    apply_cpu_compat()
+    x = torch.ones(1000)
+
+    def masked() -> torch.Tensor:
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return F.dropout(x, 0.5, training=True)
+
+    model_parallel_seed(1234, tp_rank=0)
+    outside = torch.get_rng_state()
+    first = masked()
+    assert torch.equal(torch.get_rng_state(), outside)  # the fork leaves the default CPU stream alone
+    model_parallel_seed(1234, tp_rank=0)
+    assert torch.equal(masked(), first)
+    model_parallel_seed(1234, tp_rank=1)  # each TP rank gets its own model-parallel stream
+    assert not torch.equal(masked(), first)
+    # megatron's own seeding also works once the CPU tracker is installed, with the same streams
+    tensor_parallel.model_parallel_cuda_manual_seed(1234, tp_rank=0, ep_rank=0, etp_rank=0)
+    assert torch.equal(masked(), first)
+    names = set(tensor_parallel.get_cuda_rng_tracker().get_states())
+    assert names == {"model-parallel-rng", "data-parallel-rng", "expert-parallel-rng"}
+
+
+def test_rng_tracker_nested_forks_keep_each_stream() -> None:
+    from megatron.core import tensor_parallel
+
+    apply_cpu_compat()
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    model_parallel_seed(5)
+    with tracker.fork():
+        a1 = torch.rand(3)
+        with tracker.fork("data-parallel-rng"):
+            torch.rand(3)
+        a2 = torch.rand(3)
+    model_parallel_seed(5)
+    with tracker.fork():
+        expected = torch.rand(6)
+    assert torch.equal(torch.cat([a1, a2]), expected)
+
+
+def test_current_device_lets_rotary_embedding_and_buffers_run_on_cpu() -> None:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    apply_cpu_compat()
+    assert torch.cuda.current_device() == "cpu"
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
+    emb = rope(8)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    freqs = torch.outer(torch.arange(8, dtype=torch.float32), inv_freq)
+    assert emb.device.type == "cpu" and emb.shape == (8, 1, 1, 16)
+    assert torch.allclose(emb[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
+    assert GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "test").device.type == "cpu"
+
+
+def test_causal_masks_are_built_on_cpu() -> None:
+    from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func, get_default_causal_mask
+
+    apply_cpu_compat()
+    assert torch.equal(get_default_causal_mask(4), torch.ones(4, 4, dtype=torch.bool).triu(1))
+    softmax = FusedScaleMaskSoftmax(
+        input_in_fp16=False,
+        input_in_bf16=False,
+        attn_mask_type=AttnMaskType.causal,
+        scaled_masked_softmax_fusion=False,
+        mask_func=attention_mask_func,
+        softmax_in_fp32=True,
+        scale=None,
+    )
+    probs = softmax(torch.randn(1, 2, 4, 4), None)  # mask=None -> the default causal mask
+    assert torch.all(probs.triu(1) == 0)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 2, 4))
+    window = FusedScaleMaskSoftmax(False, False, AttnMaskType.causal, False, attention_mask_func, True, None, (1, 0))
+    probs = window(torch.randn(1, 1, 4, 4), None)  # each query sees itself and one key back
+    assert torch.all(probs.triu(1) == 0) and torch.all(probs.tril(-2) == 0)
+
+
+def test_cuda_synchronize_lets_dist_checkpointing_save_and_load(dist: None, tmp_path: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    from neva_tools.model.gpt import build_gpt_model
+
+    torch.cuda.synchronize()  # no-op instead of "Found no NVIDIA driver"
+    cfg = {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "position_embedding_type": "rope"}
+    model = build_gpt_model(cfg, padded_vocab_size=128)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    model_parallel_seed(99)
+    other = build_gpt_model(cfg, padded_vocab_size=128)
+    other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(), str(tmp_path)))
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+
+
+def test_clip_vit_model_builds_and_runs_on_cpu(dist: None) -> None:
+    from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    apply_cpu_compat()
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        ffn_hidden_size=64,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    vit = CLIPViTModel(config, get_vit_layer_with_local_spec(), img_h=28, img_w=28, patch_dim=14)
+    assert isinstance(vit.ln_pre, torch.nn.LayerNorm)  # built through WrappedTorchNorm
+    assert vit.position_ids.device.type == "cpu"
+    assert vit(torch.randn(2, 3, 28, 28)).shape == (2, 2 * 2 + 1, 32)
+    assert "cuda" not in torch.Tensor.__dict__
