@@ -7,17 +7,22 @@ rank (vocabulary padding adjusted). Names are checked both ways and shapes are c
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from typing import Any
 
 import torch
 
+from neva_tools.checkpoint import dist
 from neva_tools.checkpoint import tp as tp_rules
-from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, canonical_name, load_arch
 from neva_tools.errors import NevaError
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+
+logger = logging.getLogger(__name__)
 
 
 def local_spec_name(canonical: str) -> str:
@@ -64,6 +69,32 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
             target[key].copy_(tensor)
 
 
+def load_dist_native(model: torch.nn.Module, archive: NemoArchive, padded: int) -> bool:
+    """Load a dist checkpoint through megatron-core's own ``sharded_state_dict`` (each rank reads its shard).
+
+    Returns False, loading nothing, when the stored vocabulary padding differs from this TP's (the
+    caller then rebuilds full tensors instead).
+    """
+    from megatron.core import dist_checkpointing
+
+    with tempfile.TemporaryDirectory(prefix=".neva-dist-") as tmp:
+        directory = archive.extract(DIST_DIR, tmp)
+        stored = dist.tensor_shapes(directory)
+        if stored.get("model.embedding.word_embeddings.weight", (None,))[0] != padded:
+            return False
+        request = {k: v for k, v in model.sharded_state_dict(prefix="model.").items() if not k.endswith("_extra_state")}
+        loaded = dist_checkpointing.load(request, str(directory))
+    state = {k.removeprefix("model."): v for k, v in loaded.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise NevaError(
+            f"{archive.path}: dist checkpoint does not fit the model; missing {missing}, unexpected {unexpected}"
+        )
+    logger.debug("loaded %s through megatron-core dist_checkpointing", archive.path)
+    return True
+
+
 def load_gpt_from_nemo(
     path: str | os.PathLike, *, params_dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any], LlamaArch]:
@@ -85,5 +116,6 @@ def load_gpt_from_nemo(
         divisible = int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
         padded = padded_vocab_size(arch.vocab_size, tp, divisible)
         model = build_gpt_model(cfg, padded_vocab_size=padded, params_dtype=params_dtype)
-        load_state_into(model, rank_state_dict(archive, arch, tp, rank, padded), str(path))
+        if archive.layout != "dist" or not load_dist_native(model, archive, padded):
+            load_state_into(model, rank_state_dict(archive, arch, tp, rank, padded), str(path))
     return model, cfg, arch
