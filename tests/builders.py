@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -52,6 +53,8 @@ def build_tiny_llm(
     shard: str | None = None,
     hidden: int = 64,
     layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
 ) -> Path:
     """Save a tiny random HF model of ``family`` (fp32, all weights random incl. norms) into ``out``."""
     import torch
@@ -59,13 +62,15 @@ def build_tiny_llm(
 
     spec = dict(TINY_LLMS[family])
     arch = spec.pop("arch")
+    if kv_heads is not None:
+        spec["num_key_value_heads"] = kv_heads
     config_cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig"}.get(arch, "Qwen2Config")
     config = getattr(transformers, config_cls)(
         vocab_size=300,
         hidden_size=hidden,
         intermediate_size=hidden * 3 // 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
         **spec,
@@ -81,3 +86,21 @@ def build_tiny_llm(
     if sp_model is not None:
         (out / "tokenizer.model").write_bytes(sp_model.read_bytes())
     return out
+
+
+def megatron_logits(rank: int, world_size: int, nemo: str, ids: Any) -> Any:
+    """For ``run_distributed``: init TP=world_size, load the .nemo, return full-vocabulary logits (padding cut)."""
+    import torch
+
+    from neva_tools.model.from_nemo import load_gpt_from_nemo
+    from neva_tools.model.parallel import destroy_distributed, init_distributed
+
+    init_distributed(tp=world_size)
+    try:
+        model, _, arch = load_gpt_from_nemo(nemo)
+        position_ids = torch.arange(ids.shape[1]).expand_as(ids)
+        with torch.no_grad():
+            logits = model.eval()(ids, position_ids, None, runtime_gather_output=True)
+        return logits[..., : arch.vocab_size]
+    finally:
+        destroy_distributed()

@@ -23,6 +23,7 @@ from typing import IO, Any
 import torch
 import yaml
 
+from neva_tools.checkpoint.torch_lazy import LazyStateDict
 from neva_tools.errors import NevaError
 from neva_tools.utils.atomic import atomic_path
 
@@ -165,14 +166,17 @@ class NemoArchive:
         self.path = Path(path)
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
+        self._open_files: list[IO[bytes]] = []
         if self.path.is_dir():
             names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
         elif self.path.is_file():
             try:
                 self._tar = tarfile.open(self.path, "r:*")  # noqa: SIM115 - closed by close()
-            except tarfile.TarError as exc:
-                raise NevaError(f"{self.path} is not a .nemo archive (tar error: {exc})") from None
-            for info in self._tar.getmembers():
+                infos = self._tar.getmembers()
+            except (tarfile.TarError, EOFError) as exc:
+                raise NevaError(f"{self.path} is not a readable .nemo archive (tar error: {exc}); "
+                                "it may be truncated — copy or download it again") from None  # fmt: skip
+            for info in infos:
                 name = _safe_name(info.name, self.path)
                 if info.issym() or info.islnk():
                     raise NevaError(f"{self.path}: member {info.name!r} is a link; .nemo archives hold only files")
@@ -192,7 +196,10 @@ class NemoArchive:
         self.close()
 
     def close(self) -> None:
-        """Close the underlying tar file."""
+        """Close the underlying tar file and the members opened for lazy reading."""
+        for fh in self._open_files:
+            fh.close()
+        self._open_files.clear()
         if self._tar is not None:
             self._tar.close()
             self._tar = None
@@ -257,6 +264,26 @@ class NemoArchive:
                 return torch.load(fh, map_location="cpu", weights_only=True)
             except Exception as exc:  # torch raises many types for corrupt or unsafe files
                 raise NevaError(f"{self.path}: {name} could not be loaded (weights_only=True): {exc}") from None
+
+    def lazy_legacy(self, tp_rank: int = 0, pp_rank: int = 0) -> LazyStateDict:
+        """One rank's legacy weights as a ``LazyStateDict``: tensors are read one at a time, on access."""
+        tp, pp = self.legacy_ranks()
+        name = weights_member(tp_rank, tp, pp_rank, pp)
+        if self._tar is None:
+            fh: IO[bytes] = open(self.path / name, "rb")  # noqa: SIM115 - closed by close()
+        else:
+            extracted = self._tar.extractfile(self._members[name])
+            assert extracted is not None
+            fh = extracted
+        self._open_files.append(fh)
+        return LazyStateDict(fh, name=f"{self.path}:{name}")
+
+    def other_members(self) -> list[str]:
+        """Members that are neither the config nor weights (tokenizer and other artifacts)."""
+        return [
+            n for n in self.names
+            if n != CONFIG_NAME and n != WEIGHTS_NAME and not _RANK_RE.match(n) and not n.startswith(DIST_DIR + "/")
+        ]  # fmt: skip
 
     def extract(self, prefix: str, dest: str | os.PathLike) -> Path:
         """Extract member ``prefix`` (a file) or every member under ``prefix/`` into ``dest``; return the path."""

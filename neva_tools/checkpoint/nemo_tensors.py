@@ -1,7 +1,11 @@
-"""Full (TP=1) megatron-core tensors of a ``.nemo``, whatever its TP/PP and layout.
+"""Full (TP=1) megatron-core tensors of a ``.nemo``, whatever its TP/PP, layout and naming.
 
-Reads NeMo's naming variants too: ``model.module.`` prefixes (``megatron_amp_O2``), local-spec layer-norm
-names, pipeline-stage-local layer numbers; Transformer-Engine ``_extra_state`` entries are dropped.
+Legacy archives are read lazily: a tensor's shards are read from each rank file when it is asked for,
+so memory holds one tensor (plus what the caller keeps). Distributed (``model_weights/``) archives are
+loaded whole. NeMo's naming variants are read too: legacy ``model.language_model.*`` names,
+``model.module.`` prefixes (``megatron_amp_O2``), local-spec layer-norm names and pipeline-stage-local
+layer numbers; Transformer-Engine ``_extra_state`` entries are dropped. NeVA's projector and vision
+encoder tensors (NeMo-1 layout, under the word embeddings) are carried as replicated tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,16 +24,25 @@ from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
+from neva_tools.mappings.nemo_legacy import IGNORED_LEGACY, is_legacy_name, legacy_to_mcore
 
 _LAYER = re.compile(r"^model\.decoder\.layers\.(\d+)\.(.*)$")
 
+#: NeMo-1 NeVA tensors that are not tensor-parallel (plain ``nn.Linear`` projector, HF CLIP encoder).
+NEVA_REPLICATED_PREFIXES = (
+    "model.embedding.word_embeddings.adapter_layer.",
+    "model.embedding.word_embeddings.vision_encoder.",
+)
+
 
 def canonical_name(name: str, layer_offset: int = 0) -> str | None:
-    """Our canonical megatron-core name (TE layer-norm names, global layer numbers) or None to drop."""
-    if name.endswith("_extra_state"):
+    """Our canonical megatron-core name (TE layer-norm names, global layer numbers), or None to drop."""
+    if name.endswith("_extra_state") or name in IGNORED_LEGACY:
         return None
     if name.startswith("model.module."):
         name = "model." + name[len("model.module.") :]
+    if is_legacy_name(name):
+        name = legacy_to_mcore(name)
     m = _LAYER.match(name)
     if m is None:
         return name
@@ -40,20 +54,24 @@ def canonical_name(name: str, layer_offset: int = 0) -> str | None:
 
 
 class NemoTensors:
-    """Access to a ``.nemo``'s full tensors by canonical name (all of them are loaded into memory)."""
+    """Full tensors of a ``.nemo`` by canonical name, in table order (LLM first, then NeVA extras)."""
 
     def __init__(self, archive: NemoArchive, arch: LlamaArch) -> None:
         self.archive, self.arch = archive, arch
-        self.entries = {name: split for name, _, split in arch.entries()}
-        self._ranks: list[dict[str, torch.Tensor]] = []
+        self.entries: dict[str, Split] = {name: split for name, _, split in arch.entries()}
+        self.legacy_names = False
+        self._full: dict[str, torch.Tensor] | None = None
+        self._where: dict[str, list[tuple[Any, str]]] = {}
         if archive.layout == "dist":
             self._full = self._load_dist()
+            found = set(self._full)
         else:
-            self._full = None
-            self._load_legacy()
-        names = set(self._full) if self._full is not None else set(self._ranks[0])
-        missing = sorted(set(self.entries) - names)
-        extra = sorted(names - set(self.entries))
+            found = self._index_legacy()
+        for name in sorted(found - set(self.entries)):
+            if name.startswith(NEVA_REPLICATED_PREFIXES):
+                self.entries[name] = Split.REPLICATED
+        missing = sorted(set(self.entries) - found)
+        extra = sorted(found - set(self.entries))
         if missing or extra:
             raise NevaError(
                 f"{archive.path}: weights do not match model_config.yaml"
@@ -61,19 +79,28 @@ class NemoTensors:
                 + (f"; unexpected: {', '.join(extra[:20])}" if extra else "")
             )
 
-    def _load_legacy(self) -> None:
+    def _index_legacy(self) -> set[str]:
         tp, pp = self.archive.legacy_ranks()
         if self.arch.num_layers % pp:
             raise NevaError(f"pipeline_model_parallel_size ({pp}) must divide num_layers ({self.arch.num_layers})")
         per_stage = self.arch.num_layers // pp
-        for t in range(tp):
-            merged: dict[str, torch.Tensor] = {}
-            for p in range(pp):
-                for name, tensor in self.archive.load_legacy(t, p).items():
-                    canon = canonical_name(name, p * per_stage)
-                    if canon is not None:
-                        merged[canon] = tensor
-            self._ranks.append(merged)
+        for p in range(pp):
+            for t in range(tp):
+                shard = self.archive.lazy_legacy(t, p)
+                for key in shard:
+                    self.legacy_names |= is_legacy_name(key)
+                    canon = canonical_name(key, p * per_stage)
+                    if canon is None or (self.arch.tied and canon == "model.output_layer.weight"):
+                        continue  # tied embeddings: the last pipeline stage's copy of the embedding
+                    if p > 0 and canon == "model.embedding.word_embeddings.weight":
+                        continue  # legacy NeMo keeps that copy under the embedding's own name
+                    self._where.setdefault(canon, [])
+                    if len(self._where[canon]) == t:
+                        self._where[canon].append((shard, key))
+        incomplete = sorted(n for n, ranks in self._where.items() if len(ranks) != tp)
+        if incomplete:
+            raise NevaError(f"{self.archive.path}: tensors missing on some TP ranks: {', '.join(incomplete[:10])}")
+        return set(self._where)
 
     def _load_dist(self) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory(prefix=".neva-dist-") as tmp:
@@ -85,7 +112,7 @@ class NemoTensors:
     @property
     def tp(self) -> int:
         """The tensor-parallel size the archive was saved with (1 for dist checkpoints)."""
-        return max(1, len(self._ranks))
+        return 1 if self._full is not None else self.archive.legacy_ranks()[0]
 
     def names(self) -> list[str]:
         """Canonical names in table order."""
@@ -98,7 +125,8 @@ class NemoTensors:
         if self._full is not None:
             tensor = self._full[name]
             return tensor[:vocab] if vocab is not None else tensor
-        return tp_rules.merge([r[name] for r in self._ranks], split, name=name, vocab=vocab)
+        shards = [shard[key] for shard, key in self._where[name]]
+        return tp_rules.merge(shards, split, name=name, vocab=vocab)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every tensor, in table order."""
@@ -106,10 +134,15 @@ class NemoTensors:
             yield name, self.full(name)
 
 
-def load_arch(archive: NemoArchive) -> tuple[dict, LlamaArch]:
-    """The model config (unwrapped from a ``model:`` key if present) and its architecture."""
+def model_config(archive: NemoArchive) -> dict[str, Any]:
+    """The archive's model config, unwrapped from a ``model:`` key if present."""
     cfg = archive.read_config()
-    cfg = cfg.get("model", cfg) if isinstance(cfg.get("model"), dict) else cfg
+    return cfg["model"] if isinstance(cfg.get("model"), dict) else cfg
+
+
+def load_arch(archive: NemoArchive) -> tuple[dict[str, Any], LlamaArch]:
+    """The model config and its architecture (vocabulary size from the config or the stored tokenizer)."""
+    cfg = model_config(archive)
     vocab = cfg.get("vocab_size")
     if vocab is None:
         vocab = _tokenizer_vocab_size(archive, cfg.get("tokenizer") or {})

@@ -7,12 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from neva_tools import __version__
-from neva_tools.cli import common, convert, tokenizer
+from neva_tools.cli import common, convert, repartition, tokenizer
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import setup_logging
 
 #: Subcommand modules, each with ``register(subparsers, parent)``.
-SUBCOMMANDS = (tokenizer, convert)
+SUBCOMMANDS = (tokenizer, convert, repartition)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from builders import megatron_logits
 from dist_helpers import in_process_distributed, run_distributed
 
 from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
@@ -23,22 +24,6 @@ def _reference_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
-
-
-def megatron_logits(rank: int, world_size: int, nemo: str, ids: torch.Tensor) -> torch.Tensor:
-    """On each rank: init TP=world_size, load the .nemo, return full-vocabulary logits (padding cut)."""
-    from neva_tools.model.from_nemo import load_gpt_from_nemo
-    from neva_tools.model.parallel import destroy_distributed, init_distributed
-
-    init_distributed(tp=world_size)
-    try:
-        model, _, arch = load_gpt_from_nemo(nemo)
-        position_ids = torch.arange(ids.shape[1]).expand_as(ids)
-        with torch.no_grad():
-            logits = model.eval()(ids, position_ids, None, runtime_gather_output=True)
-        return logits[..., : arch.vocab_size]
-    finally:
-        destroy_distributed()
 
 
 @pytest.fixture(scope="module")

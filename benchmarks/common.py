@@ -1,0 +1,90 @@
+"""Shared pieces of the benchmarks: a generated LLaMA-shaped checkpoint, timing, the interpreter baseline.
+
+The benchmark processes import nothing heavy themselves (Linux carries ``ru_maxrss`` over fork and
+exec, so a large parent would inflate its children's peak-memory figures): generation runs in a child.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = dict(hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+
+
+def generate(out: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int) -> Path:
+    """Write a random LLaMA-shaped bf16 checkpoint in ~1 GB shards with an index and a config.json."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    head_dim = hidden // heads
+    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+        })  # fmt: skip
+    names.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    files = 0
+    gen = torch.Generator().manual_seed(0)
+
+    def flush() -> None:
+        nonlocal shard, files
+        files += 1
+        name = f"model-{files:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        shard = {}
+
+    size = 0
+    for name, shape in names.items():
+        shard[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        if size > 1 << 30:
+            flush()
+            size = 0
+    if shard:
+        flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, proc.stdout
+
+
+def generate_in_child(out: Path, layers: int) -> Path:
+    """Generate the checkpoint in a child process (keeps this process small)."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import common; "
+    code += f"common.generate(common.Path({str(out)!r}), **{{**common.SHAPES, 'layers': {layers}}})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+def baseline_rss(modules: str) -> int:
+    """Peak RSS of a fresh interpreter that only imports ``modules`` (comma-separated)."""
+    probe = f"import resource, {modules}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    return int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)

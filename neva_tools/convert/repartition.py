@@ -1,0 +1,168 @@
+"""``repartition``: any TP/PP → any TP/PP for ``.nemo`` LLM and NeVA checkpoints, one tensor at a time.
+
+Full tensors are rebuilt from the source ranks with the mapping table's merge rules (replicated tensors
+verified identical) and split again for the target ranks; vocabulary padding is recomputed for the
+target TP. Each target rank's state dict is streamed into the output archive as soon as it is
+complete, so memory holds about one output shard. Tokenizer and other artifacts are carried over.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from neva_tools.checkpoint import tp as tp_rules
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWriter, artifact_name, weights_member
+from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
+from neva_tools.convert.dist_writer import write_dist_checkpoint
+from neva_tools.convert.hf_to_nemo import ConvertSummary
+from neva_tools.errors import NevaError
+from neva_tools.mappings.base import Split
+from neva_tools.mappings.nemo_legacy import mcore_to_legacy
+from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.utils.log import progress
+from neva_tools.utils.resources import peak_rss_bytes
+
+logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^model\.decoder\.layers\.(\d+)\.(.*)$")
+_LAST_STAGE = ("model.decoder.final_layernorm.", "model.output_layer.")
+
+
+def stage_of(name: str, per_stage: int, pp: int) -> int:
+    """The pipeline stage that holds tensor ``name``."""
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1)) // per_stage
+    return pp - 1 if name.startswith(_LAST_STAGE) else 0
+
+
+def local_name(name: str, stage: int, per_stage: int, legacy: bool) -> str:
+    """``name`` with its layer number made stage-local, in the requested naming."""
+    m = _LAYER.match(name)
+    if m:
+        name = f"model.decoder.layers.{int(m.group(1)) - stage * per_stage}.{m.group(2)}"
+    return mcore_to_legacy(name) if legacy else name
+
+
+def stage_tensors(
+    tensors: NemoTensors, stage: int, tp: int, rank: int, pp: int, padded: int, legacy: bool, counts: list[int]
+) -> Iterator[tuple[str, Any]]:
+    """(stored name, shard) of every tensor that TP ``rank`` of pipeline ``stage`` holds.
+
+    ``counts[0]`` accumulates the parameters of the full tensors seen on TP rank 0.
+    """
+    per_stage = tensors.arch.num_layers // pp
+    for name in tensors.names():
+        split = tensors.entries[name]
+        if stage_of(name, per_stage, pp) == stage:
+            full = tensors.full(name)
+            counts[0] += full.numel() if rank == 0 else 0
+            yield local_name(name, stage, per_stage, legacy), tp_rules.shard(full, split, tp, rank, padded_vocab=padded)
+    if pp > 1 and stage == pp - 1 and tensors.arch.tied:
+        # megatron-core keeps a copy of the tied embedding as the last stage's output layer
+        embedding = tensors.full("model.embedding.word_embeddings.weight")
+        yield (
+            local_name("model.output_layer.weight", stage, per_stage, legacy),
+            tp_rules.shard(embedding, Split.VOCAB, tp, rank, padded_vocab=padded),
+        )
+
+
+def new_config(raw: dict[str, Any], cfg: dict[str, Any], tp: int, pp: int, vocab: int, mcore: bool) -> dict[str, Any]:
+    """The output ``model_config.yaml``: parallel sizes updated, the true vocabulary size recorded."""
+    updated = {**cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "vocab_size": vocab}
+    if mcore:
+        updated["mcore_gpt"] = True
+    return {**raw, "model": updated} if isinstance(raw.get("model"), dict) else updated
+
+
+def _model_section(config: dict[str, Any]) -> dict[str, Any]:
+    return config["model"] if isinstance(config.get("model"), dict) else config
+
+
+def _replace_tokenizer(config: dict[str, Any], tokenizer_model: str | Path | None) -> str | None:
+    """Point the config at a new sentencepiece artifact; return the member it replaces (not copied over)."""
+    if tokenizer_model is None:
+        return None
+    if not Path(tokenizer_model).is_file():
+        raise NevaError(f"--tokenizer_model_path {tokenizer_model} does not exist")
+    section = _model_section(config)
+    tokenizer = dict(section.get("tokenizer") or {})
+    old = tokenizer.get("model")
+    tokenizer.update(library="sentencepiece", model="nemo:" + artifact_name("tokenizer.model"))
+    section["tokenizer"] = tokenizer
+    return old.removeprefix("nemo:") if isinstance(old, str) and old.startswith("nemo:") else None
+
+
+def repartition(
+    source: str | Path,
+    output: str | Path,
+    *,
+    tp: int,
+    pp: int = 1,
+    fmt: str | None = None,
+    to_mcore_names: bool = False,
+    tokenizer_model: str | Path | None = None,
+    overwrite: bool = False,
+) -> ConvertSummary:
+    """Write ``source`` re-split for ``tp``×``pp`` to ``output`` (format: ``fmt`` or the source's).
+
+    ``tokenizer_model`` replaces the stored sentencepiece tokenizer (NeMo's ``--tokenizer_model_path``).
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise NevaError(f"output {output} already exists; pass --overwrite to replace it")
+    with NemoArchive(source) as archive:
+        cfg, arch = load_arch(archive)
+        tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
+        if arch.num_layers % pp:
+            raise NevaError(f"pipeline_model_parallel_size ({pp}) must divide num_layers ({arch.num_layers})")
+        fmt = fmt or archive.layout
+        if fmt not in ("legacy", "dist"):
+            raise NevaError(f"--format {fmt!r} is not one of legacy, dist")
+        tensors = NemoTensors(archive, arch)
+        legacy_names = tensors.legacy_names and not to_mcore_names
+        if legacy_names and fmt == "dist":
+            raise NevaError(f"{source} uses legacy NeMo names; dist checkpoints need megatron-core names: "
+                            "add --to-mcore-names")  # fmt: skip
+        divisible = int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
+        padded = padded_vocab_size(arch.vocab_size, tp, divisible)
+        config = new_config(archive.read_config(), cfg, tp, pp, arch.vocab_size, mcore=not legacy_names)
+        replaced = _replace_tokenizer(config, tokenizer_model)
+        ranks = [(p, t) for p in range(pp) for t in range(tp)] if fmt == "legacy" else [(0, 0)]
+        counts = [0]
+        with (
+            NemoWriter(output, overwrite=overwrite) as writer,
+            progress(total=len(ranks), desc="repartition", unit="shard") as bar,
+        ):
+            for member in archive.other_members():
+                if member != replaced:
+                    with archive.open(member) as fin, writer.stream(member) as fout:
+                        shutil.copyfileobj(fin, fout, 16 << 20)
+            if tokenizer_model is not None:
+                writer.add_file(_model_section(config)["tokenizer"]["model"].removeprefix("nemo:"), tokenizer_model)
+            writer.add_yaml(CONFIG_NAME, config)
+            if fmt == "legacy":
+                for p, t in ranks:
+                    state = dict(stage_tensors(tensors, p, tp, t, pp, padded, legacy_names, counts))
+                    writer.add_torch(weights_member(t, tp, p, pp), state)
+                    del state
+                    bar.update()
+            else:
+                write_dist_checkpoint(writer, stage_tensors(tensors, 0, 1, 0, 1, padded, False, counts), arch)
+                bar.update()
+    logger.info("repartitioned %s to TP=%d PP=%d (%s) at %s", source, tp, pp, fmt, output)
+    return ConvertSummary(
+        output=output,
+        parameters=counts[0],
+        bytes_read=Path(source).stat().st_size if Path(source).is_file() else 0,
+        bytes_written=output.stat().st_size,
+        seconds=time.perf_counter() - start,
+        peak_rss=peak_rss_bytes(),
+    )
