@@ -7,6 +7,8 @@ exec, so a large parent would inflate its children's peak-memory figures): gener
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +73,8 @@ def generate(out: Path, hidden: int, ffn: int, layers: int, heads: int, kv_heads
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
+    """Run ``cmd`` after flushing dirty pages (so one step's writeback does not land on the next); time it."""
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return time.perf_counter() - start, proc.stdout
@@ -88,3 +92,14 @@ def baseline_rss(modules: str) -> int:
     """Peak RSS of a fresh interpreter that only imports ``modules`` (comma-separated)."""
     probe = f"import resource, {modules}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
     return int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
+
+
+def copy_seconds(sources: Path | list[Path], dest: Path) -> float:
+    """Wall time of ``cp`` of ``sources`` into a fresh ``dest`` (removed afterwards)."""
+    files = [sources] if isinstance(sources, Path) else sources
+    dest.mkdir()
+    try:
+        seconds, _ = timed(["cp", *map(str, files), str(dest)])
+    finally:
+        shutil.rmtree(dest)
+    return seconds

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, generate_in_child, timed
+from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, timed
 
 
 def main() -> int:
@@ -33,15 +33,13 @@ def main() -> int:
         model = args.model or generate_in_child(work / "hf", args.layers)
         weights = sorted(model.glob("*.safetensors"))
         src_bytes = sum(f.stat().st_size for f in weights)
-        copy_dir = work / "cp"
-        copy_dir.mkdir()
-        cp_seconds, _ = timed(["cp", *map(str, weights), str(copy_dir)])
-        shutil.rmtree(copy_dir)
+        cp_before = copy_seconds(weights, work / "cp")
         out = work / "model.nemo"
         neva = [sys.executable, "-m", "neva_tools"]
         convert_seconds, stdout = timed([*neva, "convert", "hf-to-nemo", "--input", str(model), "--output", str(out),
                                          "--tp", str(args.tp), "--json", "--no-progress", "-q"])  # fmt: skip
         summary = json.loads(stdout.strip().splitlines()[-1])
+        cp_seconds = (cp_before + copy_seconds(weights, work / "cp")) / 2  # cp before and after, averaged
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.hf_to_nemo, torch, safetensors")
         largest_shard = src_bytes // args.tp  # one rank's weights (bf16 in, bf16 out)
         result = {

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, generate_in_child, timed
+from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, timed
 
 
 def main() -> int:
@@ -33,11 +33,11 @@ def main() -> int:
         source = work / "tp1.nemo"
         timed([*neva, "convert", "hf-to-nemo", "--input", str(hf), "--output", str(source), "--no-progress", "-q"])
         shutil.rmtree(hf)
-        cp_seconds, _ = timed(["cp", str(source), str(work / "copy.nemo")])
-        (work / "copy.nemo").unlink()
         out = work / f"tp{args.tp}.nemo"
+        cp_before = copy_seconds(source, work / "copy.nemo")
         seconds, stdout = timed([*neva, "repartition", "--input", str(source), "--output", str(out),
                                  "--tp", str(args.tp), "--json", "--no-progress", "-q"])  # fmt: skip
+        cp_seconds = (cp_before + copy_seconds(source, work / "copy.nemo")) / 2  # cp before and after, averaged
         summary = json.loads(stdout.strip().splitlines()[-1])
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.repartition, torch")
         with tarfile.open(out) as tar:

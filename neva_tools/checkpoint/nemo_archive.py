@@ -63,6 +63,46 @@ class _CountingWriter(io.RawIOBase):
         return n
 
 
+class _MemberReader(io.RawIOBase):
+    """A seekable read-only window onto one member of an uncompressed tar, read straight from the file.
+
+    ``TarFile.extractfile`` copies every read through an intermediate buffer; this reads into the
+    caller's buffer directly.
+    """
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        self._fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._fh.seek(self._offset + self._pos)
+        got = self._fh.readinto(view[:n]) or 0
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
 class NemoWriter:
     """Write a ``.nemo`` tar member by member; the archive appears at its path only when complete."""
 
@@ -151,6 +191,13 @@ class NemoWriter:
 _RANK_RE = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/" + re.escape(WEIGHTS_NAME) + "$")
 
 
+def _is_compressed(path: Path) -> bool:
+    """True for a gzip/bzip2/xz-compressed tar (older ``.nemo`` files), which cannot be read by offset."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+
+
 def _safe_name(name: str, archive: Path) -> str:
     """Normalise a member name; refuse absolute paths and ``..`` (tar-slip)."""
     pure = PurePosixPath(name)
@@ -167,12 +214,14 @@ class NemoArchive:
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}
         self._open_files: list[IO[bytes]] = []
+        self._compressed = False
         if self.path.is_dir():
             names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
         elif self.path.is_file():
             try:
                 self._tar = tarfile.open(self.path, "r:*")  # noqa: SIM115 - closed by close()
                 infos = self._tar.getmembers()
+                self._compressed = _is_compressed(self.path)
             except (tarfile.TarError, EOFError) as exc:
                 raise NevaError(f"{self.path} is not a readable .nemo archive (tar error: {exc}); "
                                 "it may be truncated — copy or download it again") from None  # fmt: skip
@@ -271,6 +320,9 @@ class NemoArchive:
         name = weights_member(tp_rank, tp, pp_rank, pp)
         if self._tar is None:
             fh: IO[bytes] = open(self.path / name, "rb")  # noqa: SIM115 - closed by close()
+        elif not self._compressed:
+            info = self._members[name]
+            fh = io.BufferedReader(_MemberReader(self.path, info.offset_data, info.size), 1 << 16)
         else:
             extracted = self._tar.extractfile(self._members[name])
             assert extracted is not None

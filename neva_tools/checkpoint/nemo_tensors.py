@@ -128,10 +128,56 @@ class NemoTensors:
         shards = [shard[key] for shard, key in self._where[name]]
         return tp_rules.merge(shards, split, name=name, vocab=vocab)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full tensor's shape (vocabulary padding removed), without reading it."""
+        split = self.entries[name]
+        if self._full is not None:
+            shape = tuple(self._full[name].shape)
+        else:
+            shard, key = self._where[name][0]
+            shape, n = shard.shape(key), len(self._where[name])
+            if split is Split.ROW and len(shape) == 2:
+                shape = (shape[0], shape[1] * n)
+            elif split is not Split.REPLICATED and not (split is Split.ROW and len(shape) == 1):
+                shape = (shape[0] * n, *shape[1:])
+        return (self.arch.vocab_size, *shape[1:]) if split is Split.VOCAB else shape
+
+    def part(self, name: str, tp: int, rank: int, padded: int) -> torch.Tensor:
+        """Target TP ``rank``'s part of ``name``; from a one-rank legacy source only that part's rows are read."""
+        split = self.entries[name]
+        ranges = None
+        if self._full is None and len(self._where[name]) == 1:
+            ranges = _row_ranges(split, self.shape(name)[0], tp, rank, padded)
+        if ranges is None:
+            return tp_rules.shard(self.full(name), split, tp, rank, padded_vocab=padded)
+        shard, key = self._where[name][0]
+        parts = [shard.rows(key, start, stop) for start, stop in ranges]
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if split is Split.VOCAB:
+            out = tp_rules.pad_rows(out, padded // tp)
+        return out
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every tensor, in table order."""
         for name in self.entries:
             yield name, self.full(name)
+
+
+def _row_ranges(split: Split, rows: int, tp: int, rank: int, padded: int) -> list[tuple[int, int]] | None:
+    """The dim-0 row ranges of a full tensor that make up a rank's part, for splits that take whole rows."""
+    if split is Split.VOCAB:
+        step = padded // tp
+        start = min(rank * step, rows)
+        return [(start, min((rank + 1) * step, rows))]
+    if tp == 1:
+        return None
+    if split in (Split.COLUMN, Split.QKV) and rows % tp == 0:
+        step = rows // tp
+        return [(rank * step, (rank + 1) * step)]
+    if split is Split.GATED_MLP and rows % (2 * tp) == 0:
+        half, step = rows // 2, rows // (2 * tp)
+        return [(rank * step, (rank + 1) * step), (half + rank * step, half + (rank + 1) * step)]
+    return None
 
 
 def model_config(archive: NemoArchive) -> dict[str, Any]:

@@ -252,6 +252,14 @@ class LazyStateDict(Mapping[str, Any]):
     def nbytes(self, key: str) -> int:
         return self._ref(key).nbytes
 
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (dim 0) of tensor ``key``, reading only their bytes."""
+        ref = self._ref(key)
+        if not ref.size or not 0 <= start <= stop <= ref.size[0]:
+            raise ValueError(f"rows {start}:{stop} out of range for {key} of shape {ref.size}")
+        offset = ref.offset + start * ref.stride[0]
+        return self._read(TensorRef(ref.storage, ref.dtype, offset, (stop - start, *ref.size[1:]), ref.stride))
+
     def _ref(self, key: str) -> TensorRef:
         value = self._entries[key]
         if not isinstance(value, TensorRef):

@@ -28,24 +28,31 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def shard(tensor: torch.Tensor, split: Split, tp: int, rank: int, *, padded_vocab: int | None = None) -> torch.Tensor:
-    """The part of a full (TP=1) tensor that tensor-parallel ``rank`` of ``tp`` holds."""
-    if split is Split.REPLICATED or (tp == 1 and split is not Split.VOCAB):
-        return tensor.contiguous()
+    """The part of a full (TP=1) tensor that tensor-parallel ``rank`` of ``tp`` holds.
+
+    A split part is a compact copy, never a view: ``torch.save`` writes a view's whole storage.
+    """
     if split is Split.VOCAB:
         if padded_vocab is None:
             raise ValueError("padded_vocab is required for vocab-parallel tensors")
-        tensor = pad_rows(tensor, padded_vocab)
-        return torch.chunk(tensor, tp, dim=0)[rank].contiguous()
+        return _compact(torch.chunk(pad_rows(tensor, padded_vocab), tp, dim=0)[rank])
+    if split is Split.REPLICATED or tp == 1 or (split is Split.ROW and tensor.dim() == 1):
+        return tensor.contiguous()  # row-parallel biases are replicated
     if split in (Split.COLUMN, Split.QKV):
-        return _chunk(tensor, tp, 0)[rank].contiguous()
+        return _compact(_chunk(tensor, tp, 0)[rank])
     if split is Split.ROW:
-        if tensor.dim() == 1:  # a row-parallel bias is replicated
-            return tensor.contiguous()
-        return _chunk(tensor, tp, 1)[rank].contiguous()
+        return _compact(_chunk(tensor, tp, 1)[rank])
     if split is Split.GATED_MLP:
         gate, up = torch.chunk(tensor, 2, dim=0)
         return torch.cat([_chunk(gate, tp, 0)[rank], _chunk(up, tp, 0)[rank]], dim=0)
     raise ValueError(f"unknown split kind {split}")
+
+
+def _compact(part: torch.Tensor) -> torch.Tensor:
+    """``part`` with a storage of its own size (a view of a larger tensor is copied)."""
+    if part.is_contiguous() and part.untyped_storage().nbytes() == part.numel() * part.element_size():
+        return part
+    return part.clone(memory_format=torch.contiguous_format)
 
 
 def _chunk(tensor: torch.Tensor, tp: int, dim: int) -> tuple[torch.Tensor, ...]:

@@ -10,6 +10,7 @@ from neva_tools import __version__
 from neva_tools.cli import common, convert, repartition, tokenizer
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import setup_logging
+from neva_tools.utils.resources import return_freed_memory_to_os
 
 #: Subcommand modules, each with ``register(subparsers, parent)``.
 SUBCOMMANDS = (tokenizer, convert, repartition)
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand and return the exit status (2 for user errors)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose - args.quiet, progress=not args.no_progress)
+    return_freed_memory_to_os()
     try:
         return int(args.func(args) or 0)
     except NevaError as exc:

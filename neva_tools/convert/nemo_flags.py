@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import setup_logging
+from neva_tools.utils.resources import return_freed_memory_to_os
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def precision_dtype(precision: str | None) -> str | None:
 def run_dropin(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str]) -> int:
     """Parse NeMo's flags (unknown ones are accepted and reported as ignored) and run ``body``."""
     setup_logging()
+    return_freed_memory_to_os()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         logger.warning("ignoring NeMo options this tool does not need: %s", " ".join(unknown))

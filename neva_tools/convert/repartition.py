@@ -9,6 +9,7 @@ complete, so memory holds about one output shard. Tokenizer and other artifacts 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 import time
@@ -59,11 +60,9 @@ def stage_tensors(
     """
     per_stage = tensors.arch.num_layers // pp
     for name in tensors.names():
-        split = tensors.entries[name]
         if stage_of(name, per_stage, pp) == stage:
-            full = tensors.full(name)
-            counts[0] += full.numel() if rank == 0 else 0
-            yield local_name(name, stage, per_stage, legacy), tp_rules.shard(full, split, tp, rank, padded_vocab=padded)
+            counts[0] += math.prod(tensors.shape(name)) if rank == 0 else 0
+            yield local_name(name, stage, per_stage, legacy), tensors.part(name, tp, rank, padded)
     if pp > 1 and stage == pp - 1 and tensors.arch.tied:
         # megatron-core keeps a copy of the tied embedding as the last stage's output layer
         embedding = tensors.full("model.embedding.word_embeddings.weight")

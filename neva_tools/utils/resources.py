@@ -17,3 +17,24 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def return_freed_memory_to_os(threshold: int = 4 << 20) -> bool:
+    """Make glibc serve allocations above ``threshold`` bytes with mmap, so freed tensors go back to the OS.
+
+    glibc's adaptive threshold grows to 32 MiB once large blocks are freed; tensors below it then come
+    from the heap, whose freed space stays resident. Streaming conversions free one tensor after
+    another, so without this their peak RSS drifts well above what they hold. A no-op where glibc's
+    ``mallopt`` is not available. Returns True when the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -234,3 +234,15 @@ def test_rewritten_zip_big_endian_and_compressed(tmp_path: Path) -> None:
         LazyStateDict(_rewrite(src, tmp_path / "big.ckpt", byteorder=b"big"))
     with pytest.raises(NevaError, match=r"zip\.ckpt: storage record data/\d+ is compressed"):
         LazyStateDict(_rewrite(src, tmp_path / "zip.ckpt", compress=zipfile.ZIP_DEFLATED))
+
+
+def test_rows_reads_only_the_requested_rows(tmp_path: Path) -> None:
+    full = torch.arange(40.0).reshape(10, 4)
+    path = tmp_path / "rows.ckpt"
+    torch.save({"w": full, "t": full.T}, path)
+    with LazyStateDict(path) as lazy:
+        assert torch.equal(lazy.rows("w", 3, 7), full[3:7])
+        assert torch.equal(lazy.rows("t", 1, 3), full.T[1:3])  # a strided (transposed) view
+        assert lazy.rows("w", 5, 5).shape == (0, 4)
+        with pytest.raises(ValueError, match="out of range"):
+            lazy.rows("w", 8, 11)
