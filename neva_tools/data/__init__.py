@@ -1,0 +1,1 @@
+"""Data: LLaVA-format records, conversation templates, images, registry and sampling, packing, mmap text."""
