@@ -1,0 +1,49 @@
+"""Packing: first-fit-decreasing fill, no sample crosses a bin, boundaries and masks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from neva_tools.data.packing import block_causal_mask, first_fit_decreasing, pack_sequences
+from neva_tools.errors import NevaError
+
+
+def test_lognormal_lengths_fill_at_least_97_percent() -> None:
+    rng = random.Random(0)
+    lengths = [min(4096, max(16, int(rng.lognormvariate(6.0, 0.7)))) for _ in range(5000)]
+    result = first_fit_decreasing(lengths, 4096)
+    placed = sorted(i for b in result.bins for i in b)
+    assert placed == list(range(len(lengths)))  # every sample exactly once
+    assert all(sum(lengths[i] for i in b) <= 4096 for b in result.bins)
+    assert result.fill_ratio >= 0.97
+    lower_bound = -(-sum(lengths) // 4096)
+    assert len(result.bins) <= lower_bound + 2
+
+
+def test_overlong_sample_is_an_error_or_truncated() -> None:
+    with pytest.raises(NevaError, match="rec-7 has 5000 tokens after image expansion, more than max_seq_length 4096"):
+        first_fit_decreasing([10, 5000], 4096, names=["a", "rec-7"])
+    result = first_fit_decreasing([10, 5000], 4096, truncate=True)
+    assert result.truncated == [1] and result.lengths == [10, 4096]
+
+
+def test_packed_sequence_boundaries_and_mask() -> None:
+    a = (torch.tensor([1, 2, 3]), torch.tensor([2, 3, -100]))
+    b = (torch.tensor([7, 8]), torch.tensor([8, -100]))
+    packed = pack_sequences([a, b])
+    assert packed.input_ids.tolist() == [1, 2, 3, 7, 8]
+    assert packed.labels.tolist() == [2, 3, -100, 8, -100]  # no label points into the next sample
+    assert packed.position_ids.tolist() == [0, 1, 2, 0, 1]
+    assert packed.cu_seqlens.tolist() == [0, 3, 5]
+    mask = block_causal_mask(packed.cu_seqlens)[0, 0]
+    allowed = (~mask).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]
