@@ -1,0 +1,138 @@
+"""``neva data``: validate LLaVA datasets, plan packing, preprocess text to mmap, count tokens, plan mixtures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from neva_tools.cli.common import positive_int
+
+
+def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    """Add ``neva data`` and its actions."""
+    p = sub.add_parser("data", help="validate, pack and preprocess training data", parents=[parent])
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    val = dsub.add_parser("validate", parents=[parent], help="check every record of a LLaVA JSON/JSONL dataset",
+                          description="Report every problem with file, line/index, record id, what is wrong and "
+                          "what was found. Exit status 1 when any record is invalid.")  # fmt: skip
+    val.add_argument("annotations", nargs="+", help="LLaVA JSON (list) or JSONL files")
+    val.add_argument("--image-folder", help="folder that relative image/video paths resolve against")
+    _tokenization_args(val, required=False)
+    val.add_argument("--workers", type=positive_int, default=1, help="processes for image decoding/tokenization")
+    val.add_argument("--no-decode", action="store_true", help="check that images exist without decoding them")
+    val.add_argument("--json", action="store_true", help="print the full report as JSON")
+    val.set_defaults(func=run_validate)
+
+    pack = dsub.add_parser("pack", parents=[parent], help="plan sequence packing (first-fit-decreasing) of a dataset")
+    pack.add_argument("annotations", help="LLaVA JSON or JSONL file")
+    pack.add_argument("--image-folder", help="folder that relative image paths resolve against")
+    _tokenization_args(pack, required=True)
+    pack.add_argument("--truncate", action="store_true", help="truncate text-only samples longer than a bin")
+    pack.add_argument("--output", help="write the plan (bins of record indices) as JSON here")
+    pack.set_defaults(func=run_pack)
+
+    pre = dsub.add_parser("preprocess", parents=[parent], help="tokenize a JSONL text corpus into megatron mmap files")
+    pre.add_argument("--input", nargs="+", required=True, help="JSONL files, one document per line")
+    pre.add_argument("--json-key", default="text", help="the field holding the text (default %(default)s)")
+    pre.add_argument("--output-prefix", required=True, help="writes PREFIX_<json-key>_document.bin/.idx")
+    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF tokenizer directory")
+    pre.add_argument("--append-eod", action="store_true", help="end every document with the EOS token")
+    pre.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
+    pre.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pre.set_defaults(func=run_preprocess)
+
+    cnt = dsub.add_parser("count-tokens", parents=[parent], help="documents and tokens of a megatron mmap dataset")
+    cnt.add_argument("prefix", help="path prefix of the .bin/.idx pair (e.g. corpus_text_document)")
+    cnt.set_defaults(func=run_count_tokens)
+
+    mix = dsub.add_parser("mixture", parents=[parent], help="DATA_PATH blend and TRAIN_ITERS from a mixture YAML")
+    mix.add_argument("config", help="YAML with global_batch_size, seq_length, train_tokens|train_iters, datasets")
+    mix.add_argument("--json", action="store_true", help="print the plan as JSON")
+    mix.set_defaults(func=run_mixture)
+
+
+def _tokenization_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--tokenizer", required=required, help="sentencepiece .model or HF tokenizer directory")
+    p.add_argument("--template", required=required, help="conversation template (plain, vicuna_v1, llama_2, …)")
+    p.add_argument("--max-seq-length", type=positive_int, required=required, help="tokens after image expansion")
+    p.add_argument("--image-tokens", type=positive_int, help="embeddings per image (default: from image/patch size)")
+    p.add_argument("--image-size", type=positive_int, default=336, help="vision encoder input size (default 336)")
+    p.add_argument("--patch-size", type=positive_int, default=14, help="vision encoder patch size (default 14)")
+
+
+def _image_tokens(args: argparse.Namespace) -> int:
+    from neva_tools.data.images import image_token_count
+
+    return args.image_tokens or image_token_count(args.image_size, args.patch_size)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """``neva data validate``."""
+    from neva_tools.data.validate import Settings, format_report, validate
+
+    settings = Settings(
+        image_folder=args.image_folder,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        max_seq_length=args.max_seq_length,
+        image_tokens=_image_tokens(args),
+        decode_images=not args.no_decode,
+    )
+    report = validate(args.annotations, settings, workers=args.workers)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """``neva data pack``."""
+    from neva_tools.data.dataset import NevaDataset
+    from neva_tools.data.images import ImageProcessor
+    from neva_tools.data.packing import first_fit_decreasing
+    from neva_tools.data.registry import DatasetSpec, DatasetUse
+    from neva_tools.utils.log import progress
+
+    folder = Path(args.image_folder) if args.image_folder else None
+    use = DatasetUse(DatasetSpec("dataset", Path(args.annotations), folder, args.template))
+    ds = NevaDataset([use], args.tokenizer, ImageProcessor(args.image_size), image_tokens=_image_tokens(args))
+    lengths = [ds.length(i) for i in progress(range(len(ds)), desc="tokenize", unit="record")]
+    names = [item.record.where() for item in ds.items]
+    plan = first_fit_decreasing(lengths, args.max_seq_length, truncate=args.truncate, names=names)
+    truncated = f", {len(plan.truncated)} truncated" if plan.truncated else ""
+    print(f"{len(lengths)} samples, {sum(lengths)} tokens → {len(plan.bins)} sequences of {args.max_seq_length}: "
+          f"fill ratio {plan.fill_ratio:.4f}{truncated}")  # fmt: skip
+    if args.output:
+        out = {"max_seq_length": args.max_seq_length, "fill_ratio": plan.fill_ratio, "bins": plan.bins,
+               "truncated": plan.truncated}  # fmt: skip
+        Path(args.output).write_text(json.dumps(out) + "\n")
+        print(f"Wrote the packing plan to {args.output}")
+    return 0
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    """``neva data preprocess``."""
+    from neva_tools.data.mmap import preprocess_jsonl
+
+    summary = preprocess_jsonl([Path(p) for p in args.input], args.output_prefix, Path(args.tokenizer),
+                               json_key=args.json_key, append_eod=args.append_eod, workers=args.workers,
+                               overwrite=args.overwrite)  # fmt: skip
+    print(summary)
+    return 0
+
+
+def run_count_tokens(args: argparse.Namespace) -> int:
+    """``neva data count-tokens``."""
+    from neva_tools.data.mmap import count_tokens
+
+    print(count_tokens(args.prefix))
+    return 0
+
+
+def run_mixture(args: argparse.Namespace) -> int:
+    """``neva data mixture``."""
+    from neva_tools.data.mixture import format_plan, load_mixture_plan, plan_to_dict
+
+    plan = load_mixture_plan(args.config)
+    print(json.dumps(plan_to_dict(plan), indent=2) if args.json else format_plan(plan))
+    return 0
