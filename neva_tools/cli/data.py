@@ -117,7 +117,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
     summary = preprocess_jsonl([Path(p) for p in args.input], args.output_prefix, Path(args.tokenizer),
                                json_key=args.json_key, append_eod=args.append_eod, workers=args.workers,
                                overwrite=args.overwrite)  # fmt: skip
-    print(summary)
+    print(f"Wrote {summary.bin_path} and {summary.idx_path}: {summary.documents:,} documents, {summary.tokens:,} "
+          f"tokens ({summary.dtype}) in {summary.seconds:.1f} s")  # fmt: skip
     return 0
 
 
@@ -125,14 +126,15 @@ def run_count_tokens(args: argparse.Namespace) -> int:
     """``neva data count-tokens``."""
     from neva_tools.data.mmap import count_tokens
 
-    print(count_tokens(args.prefix))
+    count = count_tokens(args.prefix)
+    print(f"{count.prefix}: {count.documents:,} documents, {count.sequences:,} sequences, {count.tokens:,} tokens")
     return 0
 
 
 def run_mixture(args: argparse.Namespace) -> int:
     """``neva data mixture``."""
-    from neva_tools.data.mixture import format_plan, load_mixture_plan, plan_to_dict
+    from neva_tools.data.mixture import format_plan, plan_mixture, plan_to_dict
 
-    plan = load_mixture_plan(args.config)
+    plan = plan_mixture(args.config)
     print(json.dumps(plan_to_dict(plan), indent=2) if args.json else format_plan(plan))
     return 0

@@ -22,6 +22,12 @@ def check_output_path(path: Path, overwrite: bool) -> None:
         raise NevaError(f"output {path} already exists; pass --overwrite to replace it, or choose another path")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -44,6 +50,7 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, overwrite
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp are private (0600/0700)
     try:
         yield tmp
         _replace(tmp, target)

@@ -1,0 +1,59 @@
+"""``neva data`` through the CLI: exit codes, JSON, the mmap round and the mixture lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neva_tools.cli.main import main
+from neva_tools.data import synthetic
+from neva_tools.tokenizer.train import train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("shapes_cli")
+    paths = synthetic.make_dataset(root, train=6, heldout=2)
+    paths["tokenizer"] = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
+    return paths
+
+
+def test_validate_exit_codes_and_json(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["data", "validate", str(shapes["finetune"]), "--image-folder", str(shapes["images"]), "--no-progress"]
+    assert main([*args, "--tokenizer", str(shapes["tokenizer"]), "--template", "vicuna_v1",
+                 "--max-seq-length", "2048"]) == 0  # fmt: skip
+    assert "OK: every record is valid" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "image": "missing.png", "conversations": []}\n')
+    assert main(["data", "validate", str(bad), "--image-folder", str(shapes["images"]), "--json", "--no-progress"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["invalid_by_kind"] == {"image_missing": 1, "missing_conversations": 1}
+
+
+def test_pack_reports_fill_ratio(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.json"
+    assert main(["data", "pack", str(shapes["finetune"]), "--image-folder", str(shapes["images"]), "--tokenizer",
+                 str(shapes["tokenizer"]), "--template", "vicuna_v1", "--max-seq-length", "2048", "--output",
+                 str(plan), "--no-progress"]) == 0  # fmt: skip
+    assert "fill ratio" in capsys.readouterr().out
+    bins = json.loads(plan.read_text())["bins"]
+    assert sorted(i for b in bins for i in b) == list(range(18))
+
+
+def test_preprocess_count_and_mixture(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in synthetic.corpus()))
+    prefix = tmp_path / "corpus"
+    assert main(["data", "preprocess", "--input", str(corpus), "--output-prefix", str(prefix), "--tokenizer",
+                 str(shapes["tokenizer"]), "--append-eod", "--no-progress"]) == 0  # fmt: skip
+    assert "documents" in capsys.readouterr().out
+    assert main(["data", "count-tokens", f"{prefix}_text_document"]) == 0
+    assert f"{len(synthetic.corpus()):,} documents" in capsys.readouterr().out
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"global_batch_size: 4\nseq_length: 32\ntrain_iters: 10\n"
+                      f"datasets:\n  - prefix: {prefix}_text_document\n    ratio: 1.0\n")  # fmt: skip
+    assert main(["data", "mixture", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "TRAIN_ITERS=10" in out and f'DATA_PATH="1 {prefix}_text_document"' in out
