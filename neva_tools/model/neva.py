@@ -1,0 +1,103 @@
+"""NeVA on megatron-core: ``LLaVAModel`` = CLIP ``CLIPViTModel`` + ``MultimodalProjector`` + ``GPTModel``.
+
+Everything architectural is derived: the LLM from its NeMo model section (the ``.nemo``), the vision
+encoder from its own config (see ``neva_tools.mappings.clip``), the projector from both hidden sizes,
+the image token count from image and patch size. Only local (non-Transformer-Engine) specs are used so
+the same model runs on CPU (tests, demo) and GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neva_tools.errors import NevaError
+from neva_tools.model.gpt import gpt_model_kwargs, transformer_config_from_nemo
+
+PROJECTOR_TYPES = {"mlp2x_gelu": "mlp", "linear": "affine"}
+
+
+@dataclass(frozen=True)
+class NevaParts:
+    """What a NeVA model is made of (all sizes derived, none typed by hand)."""
+
+    llm_cfg: dict[str, Any]
+    padded_vocab_size: int
+    vision_config: Any  # megatron-core TransformerConfig with ``vision_model_type`` set
+    image_size: int
+    patch_size: int
+    projector_type: str = "mlp2x_gelu"
+
+    @property
+    def image_tokens(self) -> int:
+        """Embeddings one image becomes in the LLM input (class token dropped)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+def projector_config(language: Any, projector_type: str) -> Any:
+    """The projector's TransformerConfig: Linear(vision → LLM hidden) [→ GELU → Linear(LLM → LLM hidden)], biased."""
+    if projector_type not in PROJECTOR_TYPES:
+        raise NevaError(f"mm_cfg.mm_mlp_adapter_type {projector_type!r} is not one of {', '.join(PROJECTOR_TYPES)}")
+    return dataclasses.replace(
+        language,
+        num_layers=1,
+        ffn_hidden_size=language.hidden_size,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        activation_func=torch.nn.functional.gelu,
+        bias_activation_fusion=False,
+    )
+
+
+def build_neva_model(parts: NevaParts) -> Any:
+    """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+    if parts.image_size % parts.patch_size:
+        raise NevaError(f"image size ({parts.image_size}) must be a multiple of the patch size ({parts.patch_size})")
+    language = transformer_config_from_nemo(parts.llm_cfg)
+    kwargs = gpt_model_kwargs(parts.llm_cfg)
+    if kwargs["position_embedding_type"] != "rope":
+        raise NevaError("NeVA needs a RoPE LLM (position_embedding_type: rope)")
+    tp = language.tensor_model_parallel_size
+    for name, value in (("vision num_attention_heads", parts.vision_config.num_attention_heads),):
+        if value % tp:
+            raise NevaError(f"tensor_model_parallel_size ({tp}) must divide the {name} ({value})")
+    projection = projector_config(language, parts.projector_type)
+    model = LLaVAModel(
+        language_transformer_config=language,
+        language_transformer_layer_spec=get_gpt_layer_local_spec(normalization=language.normalization),
+        language_vocab_size=parts.padded_vocab_size,
+        language_max_sequence_length=kwargs["max_sequence_length"],
+        vision_transformer_config=parts.vision_config,
+        vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
+        drop_vision_class_token=True,
+        vision_projection_config=projection,
+        vision_projection_layer_spec=get_mlp_module_spec(use_te=False).submodules,
+        vision_projection_type=PROJECTOR_TYPES[parts.projector_type],
+        parallel_output=True,
+        share_embeddings_and_output_weights=kwargs["share_embeddings_and_output_weights"],
+        language_position_embedding_type="rope",
+        language_rotary_percent=kwargs["rotary_percent"],
+        language_rotary_base=kwargs["rotary_base"],
+        language_rope_scaling=kwargs["rope_scaling"],
+        language_rope_scaling_factor=kwargs["rope_scaling_factor"],
+        img_h=parts.image_size,
+        img_w=parts.image_size,
+        patch_dim=parts.patch_size,
+    )
+    if kwargs.get("seq_len_interpolation_factor"):
+        model.language_model.rotary_pos_emb.seq_len_interpolation_factor = kwargs["seq_len_interpolation_factor"]
+    if model.img_seq_len != parts.image_tokens:
+        raise NevaError(f"megatron-core counts {model.img_seq_len} image tokens, expected {parts.image_tokens}")
+    return model
+
+
+def freeze(model: Any, *, llm: bool, vision: bool) -> None:
+    """Stage settings: ``mm_cfg.llm.freeze`` and ``mm_cfg.vision_encoder.freeze``; the projector always trains."""
+    model.freeze(freeze_language_model=llm, freeze_vision_model=vision, freeze_vision_projection=False)
