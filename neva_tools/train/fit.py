@@ -1,0 +1,127 @@
+"""Running a training job: a Lightning ``Trainer`` with the megatron strategy, CSV/TensorBoard logs and a loss curve."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from neva_tools.train.strategy import MegatronStrategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """NeMo's ``trainer`` section (the parts this engine uses) plus the parallel sizes."""
+
+    max_steps: int
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 1
+    num_nodes: int = 1
+    seed: int = 1234
+    progress: bool = True
+
+
+def world_size() -> int:
+    """Processes in the job, from the launcher's environment (1 for a plain process)."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def accumulation(settings: TrainerSettings, world: int) -> int:
+    """Gradient accumulation steps: global = micro × accumulation × data-parallel size (NeMo's rule)."""
+    from neva_tools.errors import NevaError
+
+    model_parallel = settings.tensor_model_parallel_size * settings.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise NevaError(f"world size ({world}) must be divisible by TP×PP ({model_parallel})")
+    dp = world // model_parallel
+    per_step = settings.micro_batch_size * dp
+    if settings.global_batch_size % per_step:
+        raise NevaError(f"global_batch_size ({settings.global_batch_size}) must be divisible by micro_batch_size "
+                        f"({settings.micro_batch_size}) × data-parallel size ({dp})")  # fmt: skip
+    return settings.global_batch_size // per_step
+
+
+class LossCurve(pl.Callback):
+    """Collects the training loss on rank 0 and writes ``loss.png`` (and ``loss.csv``) when training ends."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged below
+            self.steps.append(trainer.global_step)
+            self.losses.append(float(loss))
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.losses:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        per_step: dict[int, list[float]] = {}
+        for step, loss in zip(self.steps, self.losses, strict=True):
+            per_step.setdefault(step, []).append(loss)
+        steps = sorted(per_step)
+        means = [sum(per_step[s]) / len(per_step[s]) for s in steps]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        rows = "".join(f"{s},{v}\n" for s, v in zip(steps, means, strict=True))
+        (self.directory / "loss.csv").write_text("step,loss\n" + rows)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, means)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.directory / "loss.png", dpi=100)
+        plt.close(fig)
+
+
+def make_trainer(
+    settings: TrainerSettings, log_dir: str | Path, callbacks: list[pl.Callback] | None = None
+) -> pl.Trainer:
+    """A ``Trainer`` for this process under torchrun/srun or alone (CPU: gloo, ``32-true``/``bf16-true``)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    world = world_size()
+    log_dir = Path(log_dir)
+    devices = max(1, world // settings.num_nodes)
+    strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
+                                seed=settings.seed)  # fmt: skip
+    return pl.Trainer(
+        accelerator="gpu" if torch.cuda.is_available() else "cpu",
+        devices=devices,
+        num_nodes=settings.num_nodes,
+        strategy=strategy,
+        precision=settings.precision,
+        max_steps=settings.max_steps,
+        accumulate_grad_batches=accumulation(settings, world),
+        gradient_clip_val=settings.gradient_clip_val,
+        log_every_n_steps=settings.log_every_n_steps,
+        logger=[CSVLogger(log_dir, name="csv"), TensorBoardLogger(log_dir, name="tensorboard")],
+        callbacks=[LossCurve(log_dir), *(callbacks or [])],
+        enable_progress_bar=settings.progress,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=True,
+        deterministic=False,
+    )
