@@ -95,6 +95,38 @@ class LossCurve(pl.Callback):
         plt.close(fig)
 
 
+class PeriodicCheckpoint(pl.Callback):
+    """Save a dist checkpoint every ``every_n_steps`` optimizer steps and at the end (``dirpath/step=N``)."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+        self.dirpath, self.every = Path(dirpath), every_n_steps
+        self._last = -1
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        step = trainer.global_step
+        if step != self._last and step > 0:
+            trainer.save_checkpoint(self.dirpath / f"step={step}")
+            self._last = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+
+def consumed_samples(checkpoint_dir: str | Path | None, global_batch_size: int) -> int:
+    """Global samples consumed by the run a checkpoint belongs to (0 without a checkpoint)."""
+    if checkpoint_dir is None:
+        return 0
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir)).get("common", {})
+    return int(common.get("global_step", 0)) * global_batch_size
+
+
 def make_trainer(
     settings: TrainerSettings, log_dir: str | Path, callbacks: list[pl.Callback] | None = None
 ) -> pl.Trainer:
@@ -122,6 +154,6 @@ def make_trainer(
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        use_distributed_sampler=True,
+        use_distributed_sampler=False,  # data is split by ResumableSampler (data-parallel rank, resumable)
         deterministic=False,
     )

@@ -63,6 +63,37 @@ class MegatronStrategy(DDPStrategy):
             "rank": parallel_state.get_data_parallel_rank(),
         }
 
+    # -- checkpoints: megatron-core dist checkpoints instead of torch.save of full state dicts --------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        from neva_tools.train import checkpoint as ckpt
+
+        common = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        optimizer = self.optimizers[0] if self.optimizers else None
+        ckpt.save(filepath, self.lightning_module.model, optimizer, common)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load the model weights now (optimizers do not exist yet); the optimizer follows in
+        ``load_optimizer_state_dict``."""
+        from neva_tools.train import checkpoint as ckpt
+
+        self._resume_path = checkpoint_path
+        common = ckpt.load(checkpoint_path, self.lightning_module.model, None)
+        return {**common, "state_dict": {}, "optimizer_states": [None]}
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Weights were loaded by ``load_checkpoint``."""
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        from neva_tools.train import checkpoint as ckpt
+
+        ckpt.load(self._resume_path, self.lightning_module.model, self.optimizers[0])
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        from neva_tools.train import checkpoint as ckpt
+
+        if self.is_global_zero:
+            ckpt.remove(filepath)
+
     def teardown(self) -> None:
         from megatron.core import parallel_state
 
