@@ -114,7 +114,8 @@ def convert_nemo_to_hf(
         params = 0
         with atomic_path(output, directory=True, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
             shards = _ShardWriter(tmp, max_bytes)
-            for name, full in progress(tensors.items(), total=len(hf_names), desc="nemo-to-hf", unit="tensor"):
+            for name in progress(list(hf_names), desc="nemo-to-hf", unit="tensor"):  # the LLM only (not NeVA parts)
+                full = tensors.full(name)
                 for hf_name, t in hf_tensors(name, full, tensors.entries[name], hf_names[name], arch).items():
                     shards.add(hf_name, t.to(DTYPES[dtype]))
                     params += t.numel()

@@ -56,7 +56,8 @@ def build_neva_model(parts: NevaParts) -> Any:
     """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
-    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+    from neva_tools.model.vision import vit_layer_spec
 
     if parts.image_size % parts.patch_size:
         raise NevaError(f"image size ({parts.image_size}) must be a multiple of the patch size ({parts.patch_size})")
@@ -75,7 +76,7 @@ def build_neva_model(parts: NevaParts) -> Any:
         language_vocab_size=parts.padded_vocab_size,
         language_max_sequence_length=kwargs["max_sequence_length"],
         vision_transformer_config=parts.vision_config,
-        vision_transformer_layer_spec=get_vit_layer_with_local_spec(),
+        vision_transformer_layer_spec=vit_layer_spec(),  # bidirectional attention, as CLIP
         drop_vision_class_token=True,
         vision_projection_config=projection,
         vision_projection_layer_spec=get_mlp_module_spec(use_te=False).submodules,

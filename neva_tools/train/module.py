@@ -60,15 +60,22 @@ class NevaModule(pl.LightningModule):
         optim: OptimSettings,
         sched: ScheduleSettings,
         loss_fn: LossFn = llava_loss,
+        loader: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.build_model, self.optim, self.sched, self.loss_fn = build_model, optim, sched, loss_fn
+        self.loader = loader  # built lazily: the data-parallel rank is known only once training starts
         self.model: torch.nn.Module | None = None
         self._step_start = time.perf_counter()
 
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+
+    def train_dataloader(self) -> Any:
+        if self.loader is None:
+            raise RuntimeError("pass a DataLoader to Trainer.fit or a loader factory to NevaModule")
+        return self.loader()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, tokens = self.loss_fn(self.model, batch)

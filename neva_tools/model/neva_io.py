@@ -1,0 +1,141 @@
+"""NeVA weights in and out: the LLM from a ``.nemo``, the projector from a stage-1 ``.nemo``, and the
+final NeVA ``.nemo`` of a training run (NeMo-1 NeVA layout, so ``neva repartition`` and NeMo read it).
+
+The final archive holds, per TP rank, the LLM shard (megatron-core names, when the LLM was trained)
+and the full projector under NeMo's ``mm_projector`` names (replicated), plus the tokenizer and the
+run's config. Each TP rank writes its shard to a part file; global rank 0 streams the parts into the
+tar, so no rank ever holds another rank's weights.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from neva_tools.checkpoint import tp as tp_rules
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWriter, artifact_name, weights_member
+from neva_tools.checkpoint.nemo_tensors import canonical_name, load_arch
+from neva_tools.errors import NevaError
+from neva_tools.mappings.projector import table as projector_table
+from neva_tools.model.from_nemo import load_state_into, rank_state_dict
+from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+
+
+def load_llm(model: Any, nemo_path: str | Path, tp: int, rank: int) -> dict[str, Any]:
+    """Load the LLM weights of ``nemo_path`` into ``model.language_model`` for TP ``rank``; return its config."""
+    with NemoArchive(nemo_path) as archive:
+        cfg, arch = load_arch(archive)
+        tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
+        padded = padded_vocab_size(arch.vocab_size, tp, int(cfg.get("make_vocab_size_divisible_by") or 128))
+        load_state_into(model.language_model, rank_state_dict(archive, arch, tp, rank, padded), str(nemo_path))
+    return cfg
+
+
+def llm_config(nemo_path: str | Path) -> tuple[dict[str, Any], int]:
+    """(LLM model config, true vocabulary size) of a ``.nemo``."""
+    with NemoArchive(nemo_path) as archive:
+        cfg, arch = load_arch(archive)
+    return cfg, arch.vocab_size
+
+
+def llm_padded_vocab(cfg: dict[str, Any], vocab: int, tp: int) -> int:
+    """The padded vocabulary the LLM needs at ``tp``."""
+    return padded_vocab_size(vocab, tp, int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY))
+
+
+def extract_tokenizer(nemo_path: str | Path, dest: str | Path) -> Path:
+    """Extract the tokenizer stored in a ``.nemo`` (sentencepiece model, else the HF files) into ``dest``."""
+    with NemoArchive(nemo_path) as archive:
+        section = archive.read_config()
+        section = (section.get("model") or section).get("tokenizer") or {}
+        for key in ("model", "hf_files", "type"):
+            ref = section.get(key)
+            if isinstance(ref, str) and ref.startswith("nemo:"):
+                return archive.artifact(ref, dest)
+    raise NevaError(f"{nemo_path} stores no tokenizer; set model.tokenizer.model")
+
+
+def load_projector(model: Any, nemo_path: str | Path, projector_type: str, tp: int, rank: int) -> None:
+    """Initialise ``model.vision_projection`` from the NeMo-named projector of a (stage-1) ``.nemo``."""
+    with NemoArchive(nemo_path) as archive:
+        state = archive.lazy_legacy(0, 0) if archive.layout == "legacy" else None
+        if state is None:
+            raise NevaError(f"{nemo_path}: the projector must come from a legacy-layout NeVA .nemo")
+        entries = projector_table(projector_type)
+        missing = [e.hf[0] for e in entries if e.hf[0] not in state]
+        if missing:
+            raise NevaError(f"{nemo_path} has no {projector_type} projector (missing {', '.join(missing)})")
+        local = {e.nemo.removeprefix("vision_projection."): tp_rules.shard(state[e.hf[0]], e.split, tp, rank)
+                 for e in entries}  # fmt: skip
+    model.vision_projection.load_state_dict(local, strict=False)
+    target = {k: v for k, v in model.vision_projection.state_dict().items() if not k.endswith("_extra_state")}
+    for key, tensor in local.items():
+        if not torch.equal(target[key], tensor):
+            raise NevaError(f"loading projector tensor {key} from {nemo_path} failed")
+
+
+def _gather_projector(model: Any, projector_type: str) -> dict[str, torch.Tensor]:
+    """The full projector under NeMo names, gathered over the TP group (every TP rank gets it)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    world = torch.distributed.get_world_size(group)
+    local = model.state_dict()
+    out = {}
+    for entry in projector_table(projector_type):
+        shard = local[entry.nemo].detach().cpu()
+        shards: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shards, shard, group=group)
+        out[entry.hf[0]] = tp_rules.merge(shards, entry.split, name=entry.nemo)
+    return out
+
+
+def save_neva_nemo(model: Any, output: str | Path, config: dict[str, Any], *, include_llm: bool,
+                   projector_type: str, tokenizer: str | Path | None) -> Path | None:  # fmt: skip
+    """Write the run's NeVA ``.nemo`` (collective: every rank calls it; rank 0 writes the archive)."""
+    from megatron.core import parallel_state
+
+    output = Path(output)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    projector = _gather_projector(model, projector_type)
+    parts = output.parent / f".{output.name}.parts"
+    if torch.distributed.get_rank() == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    if dp_rank == 0:
+        state: dict[str, torch.Tensor] = dict(projector)
+        if include_llm:
+            for key, tensor in model.language_model.state_dict().items():
+                name = canonical_name("model." + key)
+                if name is not None and tensor is not None:
+                    state[name] = tensor.detach().cpu().contiguous()
+        torch.save(state, parts / f"rank{tp_rank:02d}.ckpt")
+    torch.distributed.barrier()
+    written = None
+    if torch.distributed.get_rank() == 0:
+        cfg = {**config, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+        with NemoWriter(output, overwrite=True) as writer:
+            if tokenizer is not None and Path(tokenizer).is_file():
+                name = artifact_name("tokenizer.model")
+                writer.add_file(name, tokenizer)
+                cfg["tokenizer"] = {**(cfg.get("tokenizer") or {}), "library": "sentencepiece", "model": f"nemo:{name}"}
+            writer.add_bytes(CONFIG_NAME, yaml.safe_dump(cfg, sort_keys=False).encode())
+            for rank in range(tp):
+                writer.add_file(weights_member(rank, tp), parts / f"rank{rank:02d}.ckpt")
+        written = output
+        for file in parts.iterdir():
+            file.unlink()
+        parts.rmdir()
+    torch.distributed.barrier()
+    return written
+
+
+def scratch_dir() -> Path:
+    """A temporary directory for extracted artifacts that lives as long as the process."""
+    return Path(tempfile.mkdtemp(prefix="neva-"))

@@ -1,0 +1,178 @@
+"""``neva train``: pretraining (stage 1) and finetuning (stage 2) of a NeVA model from a config.
+
+Wiring only: the LLM ``.nemo`` (any TP/layout), a CLIP vision encoder (open_clip or Hugging Face,
+converted on the fly), a fresh or stage-1 projector, the data (annotation file or registry names), the
+Lightning engine with megatron-core's parallel groups, dist checkpoints with resume, and at the end the
+run's NeVA ``.nemo`` with ``loss.png`` beside the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from neva_tools.errors import NevaError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16", "bf16-true": "bf16-true",
+              "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed"}  # fmt: skip
+
+
+def _precision(value: Any) -> str:
+    import torch
+
+    key = str(value)
+    if key not in PRECISIONS:
+        raise NevaError(f"trainer.precision {value!r} is not one of {', '.join(PRECISIONS)}")
+    if PRECISIONS[key] == "bf16":
+        return "bf16-mixed" if torch.cuda.is_available() else "bf16-true"
+    return PRECISIONS[key]
+
+
+def _vision_source(vision: DictConfig) -> tuple[str, str | None]:
+    """(source, pretrained) from ``vision_encoder.from_pretrained``: a directory, or ``name:checkpoint``."""
+    source = vision.from_pretrained
+    if source is None:
+        raise NevaError("model.mm_cfg.vision_encoder.from_pretrained is not set (a CLIP directory or name:checkpoint)")
+    if Path(source).exists() or ":" not in str(source):
+        return str(source), None
+    name, checkpoint = str(source).split(":", 1)
+    return name, checkpoint
+
+
+def _datasets(cfg: DictConfig) -> list[Any]:
+    from neva_tools.data.registry import DatasetSpec, DatasetUse, load_registry, parse_dataset_list
+
+    data = cfg.model.data
+    if data.data_path is None:
+        raise NevaError("model.data.data_path is not set (an annotation file or registry names like cc3m%50)")
+    path = Path(str(data.data_path))
+    if path.suffix in (".json", ".jsonl") or path.is_file():
+        folder = Path(data.image_folder) if data.image_folder else None
+        return [DatasetUse(DatasetSpec(path.stem, path, folder, data.conv_template))]
+    return parse_dataset_list(str(data.data_path), load_registry(data.registry))
+
+
+def train(cfg: DictConfig) -> Path | None:
+    """Run the training job described by ``cfg``; return the final ``.nemo`` (on global rank 0)."""
+    from megatron.core import parallel_state
+    from torch.utils.data import DataLoader
+
+    from neva_tools.data.dataset import NevaDataset, collate
+    from neva_tools.data.images import ImageProcessor
+    from neva_tools.mappings.clip import hf_clip_state_to_mcore, mcore_splits, open_clip_state_to_mcore
+    from neva_tools.mappings.clip import transformer_config as vision_transformer_config
+    from neva_tools.model import neva_io
+    from neva_tools.model.neva import NevaParts, build_neva_model, freeze
+    from neva_tools.model.vision import load_mcore_state, read_clip_vision
+    from neva_tools.tokenizer.text import TextTokenizer
+    from neva_tools.train import checkpoint as ckpt
+    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
+    from neva_tools.train.module import NevaModule, ScheduleSettings
+    from neva_tools.train.optim import OptimSettings
+    from neva_tools.train.sampler import ResumableSampler
+
+    m = cfg.model
+    tp = int(m.tensor_model_parallel_size)
+    if int(m.pipeline_model_parallel_size) != 1:
+        raise NevaError("pipeline_model_parallel_size > 1 is not supported for NeVA training yet; use TP")
+    llm_path = m.mm_cfg.llm.from_pretrained
+    if llm_path is None or not Path(llm_path).exists():
+        raise NevaError(f"model.mm_cfg.llm.from_pretrained {llm_path!r} is not an existing .nemo")
+    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    llm_cfg, vocab = neva_io.llm_config(llm_path)
+    tokenizer = (
+        Path(m.tokenizer.model) if m.tokenizer.model else neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
+    )
+    if TextTokenizer(tokenizer).vocab_size > vocab:
+        raise NevaError(f"tokenizer {tokenizer} has {TextTokenizer(tokenizer).vocab_size} tokens but the LLM's "
+                        f"vocabulary is {vocab}; extend the embedding or use the LLM's tokenizer")  # fmt: skip
+    source, pretrained = _vision_source(m.mm_cfg.vision_encoder)
+    select = int(m.mm_cfg.vision_encoder.vision_select_layer)
+    state, arch, kind = read_clip_vision(source, pretrained=pretrained)
+    vision_full = (hf_clip_state_to_mcore if kind == "hf" else open_clip_state_to_mcore)(
+        state, arch, select_layer=select
+    )
+    del state
+    image_tokens = (arch.image_size // arch.patch_size) ** 2
+    if image_tokens >= int(m.data.max_seq_length):
+        raise NevaError(f"an image becomes {image_tokens} tokens, not less than model.data.max_seq_length "
+                        f"({m.data.max_seq_length})")  # fmt: skip
+    dataset = NevaDataset(_datasets(cfg), tokenizer, ImageProcessor(arch.image_size, m.data.image_aspect_ratio),
+                          template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
+                          image_tokens=image_tokens)  # fmt: skip
+    projector = str(m.mm_cfg.mm_mlp_adapter_type)
+    freeze_llm, freeze_vision = bool(m.mm_cfg.llm.freeze), bool(m.mm_cfg.vision_encoder.freeze)
+    llm_run_cfg = {**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
+
+    def build() -> Any:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        parts = NevaParts(llm_run_cfg, neva_io.llm_padded_vocab(llm_cfg, vocab, tp),
+                          vision_transformer_config(arch, tp, select_layer=select), arch.image_size,
+                          arch.patch_size, projector)  # fmt: skip
+        model = build_neva_model(parts)
+        neva_io.load_llm(model, llm_path, tp, rank)
+        load_mcore_state(model.vision_model, vision_full, mcore_splits(arch, select))
+        if m.mm_cfg.pretrain_mm_mlp_adapter:
+            neva_io.load_projector(model, m.mm_cfg.pretrain_mm_mlp_adapter, projector, tp, rank)
+        freeze(model, llm=freeze_llm, vision=freeze_vision)
+        return model
+
+    settings = TrainerSettings(
+        max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
+        global_batch_size=int(m.global_batch_size), precision=_precision(cfg.trainer.precision),
+        gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
+    )  # fmt: skip
+    resume = ckpt.latest(run_dir / "checkpoints") if cfg.exp_manager.resume_if_exists else None
+    consumed = consumed_samples(resume, settings.global_batch_size)
+    pad_id = TextTokenizer(tokenizer).pad_id
+
+    def loader() -> DataLoader:
+        sampler = ResumableSampler(len(dataset), dp_rank=parallel_state.get_data_parallel_rank(),
+                                   dp_size=parallel_state.get_data_parallel_world_size(), seed=int(m.seed),
+                                   consumed_samples=consumed)  # fmt: skip
+        return DataLoader(dataset, batch_size=settings.micro_batch_size, sampler=sampler,
+                          num_workers=int(m.data.num_workers), collate_fn=lambda b: collate(b, pad_id))  # fmt: skip
+
+    o = m.optim
+    optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
+                          projector_lr=o.mm_projector_lr, vision_lr=o.vision_tower_lr)  # fmt: skip
+    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
+                             constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
+    module = NevaModule(build, optim, sched, loader=loader)
+    vision_info = {"image_size": arch.image_size, "patch_size": arch.patch_size, "source": str(source)}
+    final_cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
+                 "vision": vision_info}  # fmt: skip
+    final = FinalNemo(run_dir / f"{cfg.name}.nemo", final_cfg, include_llm=not freeze_llm, projector=projector,
+                      tokenizer=tokenizer)  # fmt: skip
+    every = int(cfg.exp_manager.checkpoint_every_n_steps)
+    callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", every), final]
+    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
+    if resume is not None:
+        logger.info("resuming from %s (%d samples consumed)", resume, consumed)
+    trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    if final.output is not None:
+        logger.info("final model: %s; logs and loss.png: %s", final.output, run_dir / "logs")
+    return final.output
+
+
+class FinalNemo(pl.Callback):
+    """Writes the run's NeVA ``.nemo`` when training ends (while the parallel groups still exist)."""
+
+    def __init__(self, path: Path, config: dict[str, Any], *, include_llm: bool, projector: str,
+                 tokenizer: Path) -> None:  # fmt: skip
+        self.path, self.config, self.include_llm = path, config, include_llm
+        self.projector, self.tokenizer = projector, tokenizer
+        self.output: Path | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from neva_tools.model import neva_io
+
+        self.output = neva_io.save_neva_nemo(module.model, self.path, self.config, include_llm=self.include_llm,
+                                             projector_type=self.projector, tokenizer=self.tokenizer)  # fmt: skip

@@ -1,0 +1,98 @@
+"""``neva train`` end to end on CPU: stage 1 at TP=2 (two gloo processes), stage 2 from its projector."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from dist_helpers import run_distributed
+
+from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
+from neva_tools.data import synthetic
+from neva_tools.mappings.projector import NEMO_PREFIX
+from neva_tools.tokenizer.train import train_sentencepiece
+
+
+def train_job(rank: int, world_size: int, overrides: list[str]) -> str | None:
+    from neva_tools.train.config import load_config
+    from neva_tools.train.run import train
+
+    out = train(load_config(None, overrides))
+    return str(out) if out else None
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("neva_e2e")
+    data = synthetic.make_dataset(root / "data", train=16, heldout=4, size=32)
+    tok = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
+    hf = build_tiny_llm_with_vocab(root / "llm_hf", tok)
+    nemo = root / "llm.nemo"
+    convert_hf_to_nemo(str(hf), nemo)
+    torch.manual_seed(0)
+    vision_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=28, patch_size=7)  # fmt: skip
+    CLIPVisionModel(vision_cfg).save_pretrained(str(root / "clip"))
+    return {"root": root, "data": data, "llm": nemo, "clip": root / "clip"}
+
+
+def build_tiny_llm_with_vocab(out: Path, tok: Path) -> Path:
+    """A tiny LLaMA whose vocabulary matches the 320-piece tokenizer."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(out))
+    (out / "tokenizer.model").write_bytes(tok.read_bytes())
+    return out
+
+
+def _common(assets: dict[str, Any], name: str) -> list[str]:
+    return [f"name={name}", f"exp_manager.exp_dir={assets['root'] / 'runs'}",
+            f"model.mm_cfg.llm.from_pretrained={assets['llm']}",
+            f"model.mm_cfg.vision_encoder.from_pretrained={assets['clip']}",
+            f"model.data.image_folder={assets['data']['images']}", "model.data.num_workers=0",
+            "model.data.max_seq_length=128", "trainer.enable_progress_bar=false", "model.micro_batch_size=2",
+            "model.global_batch_size=2", "model.optim.sched.min_lr=1e-5",
+            "exp_manager.checkpoint_every_n_steps=2"]  # fmt: skip
+
+
+def test_stage1_tp2_then_stage2(assets: dict[str, Any]) -> None:
+    stage1 = [
+        *_common(assets, "stage1"),
+        f"model.data.data_path={assets['data']['pretrain']}", "model.mm_cfg.llm.model_type=plain",
+        "model.tensor_model_parallel_size=2", "trainer.max_steps=4", "model.optim.lr=1e-3",
+    ]  # fmt: skip
+    out = run_distributed(train_job, 2, stage1, timeout=600)[0]
+    run = assets["root"] / "runs" / "stage1"
+    assert out == str(run / "stage1.nemo")
+    assert (run / "logs" / "loss.png").is_file() and (run / "checkpoints" / "step=4").is_dir()
+    with NemoArchive(out) as archive:
+        assert archive.legacy_ranks() == (2, 1)
+        r0, r1 = archive.load_legacy(0), archive.load_legacy(1)
+        cfg = archive.read_config()
+    assert set(r0) == {NEMO_PREFIX + k for k in ("0.weight", "0.bias", "2.weight", "2.bias")}  # LLM frozen: not stored
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the projector is stored whole on every rank
+    assert cfg["mm_cfg"]["llm"]["freeze"] is True and cfg["vision"]["image_size"] == 28
+
+    stage2 = [
+        *_common(assets, "stage2"),
+        f"model.data.data_path={assets['data']['finetune']}", "model.mm_cfg.llm.model_type=vicuna_v1",
+        f"model.mm_cfg.pretrain_mm_mlp_adapter={out}", "model.mm_cfg.llm.freeze=false", "trainer.max_steps=2",
+        "model.optim.lr=1e-4", "model.data.max_seq_length=256",
+    ]  # fmt: skip
+    out2 = run_distributed(train_job, 1, stage2, timeout=600)[0]
+    with NemoArchive(out2) as archive:
+        state = archive.load_legacy()
+    assert "model.decoder.layers.1.mlp.linear_fc2.weight" in state and NEMO_PREFIX + "2.bias" in state
