@@ -6,11 +6,14 @@ saves ``CLIPVisionModel`` without it, transformers 4 and full ``CLIPModel`` chec
 
 NeVA uses the output of transformer layer ``select_layer`` (default -2: the second-to-last layer, LLaVA's
 ``mm_vision_select_layer``; HF ``hidden_states[select_layer]``, where ``hidden_states[0]`` is the ``ln_pre``
-output) with the class token dropped. megatron-core expresses this the way Megatron-LM's multimodal example does
-(``num_layers = 23`` for the 24-layer CLIP ViT-L/14): the ViT is built with only the layers up to the selected one,
-and ``CLIPViTModel`` (``model_subtype="clip"``) applies ``ln_pre`` but no ``ln_post``. So open_clip ``ln_post`` and
-``proj`` (and attentional poolers) and HF ``post_layernorm`` are never used: they are in the ignore sets below, as
-are the weights of the layers after the selected one. Any other unknown or missing tensor raises ``NevaError``.
+output) with the class token dropped. megatron-core 0.16.1 has no feature-layer option: ``LLaVAModel`` takes the
+output of the ViT's last built layer (``self.vision_model(images)``, then drops ``class_token_len`` tokens), and
+``CLIPViTModel`` (``model_subtype="clip"``) applies ``ln_pre`` but no ``ln_post``. So the layer is selected by
+building only the layers up to it (``num_layers + select_layer + 1``, as vLLM and TGI do for LLaVA; a non-negative
+``select_layer`` k keeps k layers, HF's ``hidden_states[k]``; 0, the ``ln_pre`` output, cannot be built). Hence
+open_clip ``ln_post`` and ``proj`` (and attentional poolers) and HF ``post_layernorm`` are never used: they are in
+the ignore sets below; the layers after the selected one must be present but are skipped. Any other unknown or
+missing tensor raises ``NevaError``.
 
 Activation: OpenAI CLIP (HF ``hidden_act: quick_gelu``, open_clip ``*-quickgelu`` models and the ``openai`` tag)
 uses QuickGELU, ``x * sigmoid(1.702 x)``; other open_clip models use exact (erf) GELU. ``TransformerConfig`` takes
