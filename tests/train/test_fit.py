@@ -52,10 +52,13 @@ def test_tiny_neva_learns_and_writes_curve(tmp_path: Path) -> None:
     assert list((tmp_path / "csv").rglob("metrics.csv")) and list((tmp_path / "tensorboard").rglob("events.*"))
 
 
-def test_tp2_follows_tp1_loss_curve(tmp_path: Path) -> None:
+def test_tp2_and_dp2_follow_tp1_loss_curve(tmp_path: Path) -> None:
     tp1 = run_distributed(fit_tiny, 1, 1, 4, str(tmp_path / "tp1"), 1e-3)[0]
     tp2 = run_distributed(fit_tiny, 2, 2, 4, str(tmp_path / "tp2"), 1e-3)[0]
     assert max(abs(a - b) for a, b in zip(tp1, tp2, strict=True)) <= 1e-5
+    # data parallel: both ranks see the same batches here, so DDP's averaged gradients equal TP=1's
+    dp2 = run_distributed(fit_tiny, 2, 1, 4, str(tmp_path / "dp2"), 1e-3)[0]
+    assert max(abs(a - b) for a, b in zip(tp1, dp2, strict=True)) <= 1e-5
 
 
 def test_accumulation_rule() -> None:

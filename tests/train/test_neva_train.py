@@ -96,3 +96,19 @@ def test_stage1_tp2_then_stage2(assets: dict[str, Any]) -> None:
     with NemoArchive(out2) as archive:
         state = archive.load_legacy()
     assert "model.decoder.layers.1.mlp.linear_fc2.weight" in state and NEMO_PREFIX + "2.bias" in state
+
+
+def test_tiny_neva_learns_synthetic_captions(assets: dict[str, Any]) -> None:
+    """On the synthetic image-caption set the training loss falls well below its start."""
+    job = [
+        *_common(assets, "learn"),
+        f"model.data.data_path={assets['data']['pretrain']}", "model.mm_cfg.llm.model_type=plain",
+        "model.mm_cfg.llm.freeze=false", "trainer.max_steps=150", "model.optim.lr=3e-3",
+        "model.optim.sched.warmup_steps=10", "model.micro_batch_size=4", "model.global_batch_size=4",
+        "exp_manager.checkpoint_every_n_steps=0",
+    ]  # fmt: skip
+    run_distributed(train_job, 1, job, timeout=900)
+    rows = (assets["root"] / "runs" / "learn" / "logs" / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in rows]
+    start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert len(losses) == 150 and end < 0.3 * start, (start, end)
