@@ -52,3 +52,15 @@ def tiny_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 def llama_hf(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> Path:
     """One tiny LLaMA (GQA, untied) for tests that need a single model."""
     return build_tiny_llm("llama", tmp_path_factory.mktemp("llama_single") / "hf", sp_model=sp_model)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The synthetic shapes dataset (8 training images, 2 held out) and a tokenizer trained on its text."""
+    from neva_tools.data import synthetic
+    from neva_tools.tokenizer.train import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("shapes")
+    paths = synthetic.make_dataset(root, train=8, heldout=2)
+    paths["tokenizer"] = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
+    return paths

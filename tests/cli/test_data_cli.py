@@ -9,15 +9,6 @@ import pytest
 
 from neva_tools.cli.main import main
 from neva_tools.data import synthetic
-from neva_tools.tokenizer.train import train_sentencepiece
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("shapes_cli")
-    paths = synthetic.make_dataset(root, train=6, heldout=2)
-    paths["tokenizer"] = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
-    return paths
 
 
 def test_validate_exit_codes_and_json(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,7 +30,7 @@ def test_pack_reports_fill_ratio(shapes: dict, tmp_path: Path, capsys: pytest.Ca
                  str(plan), "--no-progress"]) == 0  # fmt: skip
     assert "fill ratio" in capsys.readouterr().out
     bins = json.loads(plan.read_text())["bins"]
-    assert sorted(i for b in bins for i in b) == list(range(18))
+    assert sorted(i for b in bins for i in b) == list(range(24))
 
 
 def test_preprocess_count_and_mixture(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from neva_tools.data import synthetic
 from neva_tools.data.dataset import NevaDataset, PackedNevaDataset, collate
 from neva_tools.data.images import ImageProcessor
 from neva_tools.data.registry import DatasetSpec, DatasetUse
 from neva_tools.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from neva_tools.data.validate import Settings, validate
 from neva_tools.tokenizer.text import TextTokenizer
-from neva_tools.tokenizer.train import train_sentencepiece
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("shapes")
-    paths = synthetic.make_dataset(root, train=8, heldout=2)
-    paths["tokenizer"] = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
-    return paths
 
 
 def _dataset(shapes: dict, split: str, template: str, **kwargs: object) -> NevaDataset:

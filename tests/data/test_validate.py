@@ -11,17 +11,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from neva_tools.data.records import iter_records
-from neva_tools.data.synthetic import make_dataset
 from neva_tools.data.validate import KINDS, Settings, check_record, format_report, validate
 
 
 def _conv(*pairs: tuple[str, str]) -> list[dict]:
     return [{"from": f, "value": v} for f, v in pairs]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return make_dataset(tmp_path_factory.mktemp("shapes"), train=6, heldout=2)
 
 
 def _bad_records(images: Path) -> list[str]:
@@ -80,7 +74,7 @@ def test_every_structural_problem_is_reported_with_location(shapes: dict, tmp_pa
 
 def test_valid_dataset_passes_with_counts(shapes: dict) -> None:
     report = validate([shapes["finetune"], shapes["pretrain"]], Settings(image_folder=str(shapes["images"])), workers=2)
-    assert report.ok and report.records == 18 + 6 and report.images == 24 and report.text_only == 0
+    assert report.ok and report.records == 24 + 8 and report.images == 32 and report.text_only == 0
     assert format_report(report).endswith("OK: every record is valid")
 
 
