@@ -89,3 +89,26 @@ def test_fuzz_never_crashes(tmp_path_factory: pytest.TempPathFactory, value: obj
     for record in iter_records(path):
         problems, _ = check_record(record, Settings(image_folder=None, decode_images=False))
         assert all(p.kind in KINDS for p in problems)
+
+
+def test_llava_release_shapes_load_as_they_are(shapes: dict, tmp_path: Path) -> None:
+    """CC3M-595K chat.json (image at the end of the prompt) and 665K (text-only ShareGPT, model field) records."""
+    cc3m = [{"id": "GCC_train_002582585", "image": "00000.png", "conversations": [
+        {"from": "human", "value": "Provide a brief description of the given image.\n<image>"},
+        {"from": "gpt", "value": "olive oil is a healthy ingredient used liberally ."}]}]  # fmt: skip
+    mix665k = [
+        {"id": "000000033471", "image": "00001.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+            {"from": "gpt", "value": "The bus in the image is white and red."},
+            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+            {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
+        {"id": "i6IyJda_0", "model": "", "conversations": [
+            {"from": "human", "value": "How to tell if a customer segment is well segmented?"},
+            {"from": "gpt", "value": "Look at homogeneity, distinctiveness and size."}]},
+    ]  # fmt: skip
+    (tmp_path / "chat.json").write_text(json.dumps(cc3m))
+    (tmp_path / "mix665k.json").write_text(json.dumps(mix665k))
+    settings = Settings(image_folder=str(shapes["images"]), tokenizer=str(shapes["tokenizer"]), template="vicuna_v1")
+    report = validate([tmp_path / "chat.json", tmp_path / "mix665k.json"], settings)
+    assert report.ok, format_report(report)
+    assert report.records == 3 and report.images == 2 and report.text_only == 1 and len(report.lengths) == 3
