@@ -17,7 +17,7 @@ import torch
 from neva_tools.checkpoint import dist
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
-from neva_tools.checkpoint.nemo_tensors import NemoTensors, canonical_name, load_arch
+from neva_tools.checkpoint.nemo_tensors import NEVA_REPLICATED_PREFIXES, NemoTensors, canonical_name, load_arch
 from neva_tools.errors import NevaError
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
@@ -40,12 +40,15 @@ def rank_state_dict(archive: NemoArchive, arch: LlamaArch, tp: int, rank: int, p
         raw = archive.load_legacy(rank, 0)
         state = {c: t for n, t in raw.items() if (c := canonical_name(n)) is not None}
         expected = {name for name, _, _ in arch.entries()}
-        if set(state) == expected:
-            return state
+        extra = set(state) - expected
+        if expected <= set(state) and all(name.startswith(NEVA_REPLICATED_PREFIXES) for name in extra):
+            return {name: state[name] for name in expected}
     tensors = NemoTensors(archive, arch)
+    llm = {name for name, _, _ in arch.entries()}  # a NeVA archive also holds projector/vision tensors
     return {
         name: tp_rules.shard(tensors.full(name), tensors.entries[name], tp, rank, padded_vocab=padded)
         for name in tensors.names()
+        if name in llm
     }
 
 
