@@ -105,7 +105,7 @@ class PeriodicCheckpoint(pl.Callback):
     def _save(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
         if step != self._last and step > 0:
-            trainer.save_checkpoint(self.dirpath / f"step={step}")
+            trainer.save_checkpoint(self.dirpath / f"step={step}", weights_only=False)
             self._last = step
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
