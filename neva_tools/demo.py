@@ -52,21 +52,23 @@ def build_llm(out: Path, tokenizer: Path, vocab: int, hidden: int = 128, layers:
     return out
 
 
-def build_clip(out: Path) -> Path:
+def build_clip(out: Path, image_size: int = 32) -> Path:
     """A tiny random open_clip CLIP in open_clip's ``local-dir`` layout."""
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(**CLIP_CFG)
+    cfg = {**CLIP_CFG, "vision_cfg": {**CLIP_CFG["vision_cfg"], "image_size": image_size}}
+    model = open_clip.model.CLIP(**cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": CLIP_CFG}))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.save(model.state_dict(), out / "open_clip_pytorch_model.bin")
     return out
 
 
-def prepare(out: Path, *, train: int, heldout: int) -> dict[str, Any]:
+def prepare(out: Path, *, train: int, heldout: int, image_size: int = 32) -> dict[str, Any]:
     """Steps 1–4: data, tokenizer, LLM .nemo at TP=2, CLIP."""
-    paths: dict[str, Any] = dict(synthetic.make_dataset(out / "data", train=train, heldout=heldout, size=32))
+    data = synthetic.make_dataset(out / "data", train=train, heldout=heldout, size=image_size)
+    paths: dict[str, Any] = dict(data)
     text = out / "corpus.txt"
     text.write_text("\n".join(synthetic.corpus()) + "\n")
     neva("tokenizer", "train", "--input", str(text), "--output", str(out / "tokenizer.model"), "--vocab-size", "320",
@@ -77,7 +79,8 @@ def prepare(out: Path, *, train: int, heldout: int) -> dict[str, Any]:
     neva("convert", "hf-to-nemo", "--input", str(out / "llm_hf"), "--output", str(out / "llm.nemo"), "--overwrite")
     neva("repartition", "--input", str(out / "llm.nemo"), "--output", str(out / "llm_tp2.nemo"), "--tp", "2",
          "--overwrite")  # fmt: skip
-    paths.update(llm=out / "llm_tp2.nemo", clip=build_clip(out / "clip"), tokenizer=out / "tokenizer_neva.model")
+    clip = build_clip(out / "clip", image_size)
+    paths.update(llm=out / "llm_tp2.nemo", clip=clip, tokenizer=out / "tokenizer_neva.model")
     return paths
 
 
@@ -142,11 +145,11 @@ def _splits(arch: Any) -> Any:
     return mcore_splits(arch)
 
 
-def run(out: Path, *, train: int = 240, heldout: int = 60, stage1_steps: int = 60, stage2_steps: int = 300,
-        nproc: int = 2) -> dict[str, Any]:  # fmt: skip
+def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 100, stage2_steps: int = 700,
+        nproc: int = 2, image_size: int = 64) -> dict[str, Any]:  # fmt: skip
     """The whole demo; returns the accuracy report (also written to ``out/eval.json``)."""
     start = time.time()
-    paths = prepare(out, train=train, heldout=heldout)
+    paths = prepare(out, train=train, heldout=heldout, image_size=image_size)
     common = [f"exp_manager.exp_dir={out / 'runs'}", f"model.mm_cfg.llm.from_pretrained={paths['llm']}",
               f"model.mm_cfg.vision_encoder.from_pretrained={paths['clip']}", "model.tensor_model_parallel_size=2",
               f"model.data.image_folder={paths['images']}", "model.data.num_workers=1",
@@ -159,7 +162,7 @@ def run(out: Path, *, train: int = 240, heldout: int = 60, stage1_steps: int = 6
     train_stage(nproc, [*common, "name=stage2", f"model.data.data_path={paths['finetune']}",
                         "model.mm_cfg.llm.model_type=vicuna_v1", "model.mm_cfg.llm.freeze=false",
                         f"model.mm_cfg.pretrain_mm_mlp_adapter={stage1}", f"trainer.max_steps={stage2_steps}",
-                        "model.optim.lr=2e-3", "model.optim.sched.warmup_steps=20",
+                        "model.optim.lr=2e-3", f"model.optim.sched.warmup_steps={min(20, stage2_steps // 10)}",
                         "model.optim.sched.min_lr=1e-4"])  # fmt: skip
     final = out / "runs" / "stage2" / "stage2.nemo"
     report = evaluate(final, paths["clip"], paths["heldout"], paths["images"], "vicuna_v1")
