@@ -94,12 +94,17 @@ def baseline_rss(modules: str) -> int:
     return int(subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout)
 
 
-def copy_seconds(sources: Path | list[Path], dest: Path) -> float:
-    """Wall time of ``cp`` of ``sources`` into a fresh ``dest`` (removed afterwards)."""
+def copy_seconds(sources: Path | list[Path], dest: Path, durable: bool = False) -> float:
+    """Wall time of ``cp`` of ``sources`` into a fresh ``dest`` (removed afterwards).
+
+    ``durable=True`` also fsyncs the copies (``sync FILE…``), as the tools do before renaming their output.
+    """
     files = [sources] if isinstance(sources, Path) else sources
     dest.mkdir()
     try:
-        seconds, _ = timed(["cp", *map(str, files), str(dest)])
+        copies = " ".join(f"'{dest / f.name}'" for f in files)
+        command = f"cp {' '.join(repr(str(f)) for f in files)} '{dest}'" + (f" && sync {copies}" if durable else "")
+        seconds, _ = timed(["sh", "-c", command])
     finally:
         shutil.rmtree(dest)
     return seconds

@@ -40,6 +40,7 @@ def main() -> int:
                                          "--tp", str(args.tp), "--json", "--no-progress", "-q"])  # fmt: skip
         summary = json.loads(stdout.strip().splitlines()[-1])
         cp_seconds = (cp_before + copy_seconds(weights, work / "cp")) / 2  # cp before and after, averaged
+        cp_durable = copy_seconds(weights, work / "cp", durable=True)
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.hf_to_nemo, torch, safetensors")
         largest_shard = src_bytes // args.tp  # one rank's weights (bf16 in, bf16 out)
         result = {
@@ -49,6 +50,8 @@ def main() -> int:
             "convert_seconds": round(convert_seconds, 3),
             "convert_in_process_seconds": round(summary["seconds"], 3),
             "wall_ratio_vs_cp": round(convert_seconds / cp_seconds, 2),
+            "cp_fsync_seconds": round(cp_durable, 3),
+            "wall_ratio_vs_cp_fsync": round(convert_seconds / cp_durable, 2),
             "peak_rss_bytes": summary["peak_rss"],
             "baseline_rss_bytes": baseline,
             "largest_output_shard_bytes": largest_shard,

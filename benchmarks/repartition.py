@@ -38,6 +38,7 @@ def main() -> int:
         seconds, stdout = timed([*neva, "repartition", "--input", str(source), "--output", str(out),
                                  "--tp", str(args.tp), "--json", "--no-progress", "-q"])  # fmt: skip
         cp_seconds = (cp_before + copy_seconds(source, work / "copy.nemo")) / 2  # cp before and after, averaged
+        cp_durable = copy_seconds(source, work / "copy.nemo", durable=True)
         summary = json.loads(stdout.strip().splitlines()[-1])
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.repartition, torch")
         with tarfile.open(out) as tar:
@@ -49,6 +50,8 @@ def main() -> int:
             "repartition_seconds": round(seconds, 3),
             "repartition_in_process_seconds": round(summary["seconds"], 3),
             "wall_ratio_vs_cp": round(seconds / cp_seconds, 2),
+            "cp_fsync_seconds": round(cp_durable, 3),
+            "wall_ratio_vs_cp_fsync": round(seconds / cp_durable, 2),
             "peak_rss_bytes": summary["peak_rss"],
             "baseline_rss_bytes": baseline,
             "largest_output_shard_bytes": largest,
