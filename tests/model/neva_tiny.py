@@ -1,4 +1,4 @@
-"""A tiny NeVA (2-layer LLM + 2-layer ViT) for tests, and per-rank functions for ``run_distributed``."""
+"""Tiny test models (a GPT config; a NeVA: 2-layer LLM + 2-layer ViT) and per-rank functions for run_distributed."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ LLM = {
 }  # fmt: skip
 VOCAB = 256
 IMAGE, PATCH = 28, 7
+
+#: A tiny plain GPT (NeMo model-section keys) for the GPT builder tests.
+TINY_GPT: dict[str, Any] = {
+    "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
+    "encoder_seq_length": 32, "max_position_embeddings": 32, "position_embedding_type": "rope",
+    "normalization": "rmsnorm", "activation": "fast-swiglu", "bias": False,
+    "share_embeddings_and_output_weights": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+}  # fmt: skip
 
 
 def vision_config(tp: int) -> Any:

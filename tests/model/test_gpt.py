@@ -20,23 +20,11 @@ from neva_tools.model.parallel import LaunchEnv, init_distributed, launch_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed
+from neva_tiny import TINY_GPT
 
 VOCAB = 256
 TINY: dict[str, Any] = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "ffn_hidden_size": 128,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "encoder_seq_length": 32,
-    "max_position_embeddings": 32,
-    "position_embedding_type": "rope",
-    "normalization": "rmsnorm",
-    "activation": "fast-swiglu",
-    "bias": False,
-    "share_embeddings_and_output_weights": False,
-    "hidden_dropout": 0.0,
-    "attention_dropout": 0.0,
+    **TINY_GPT,
     "apply_query_key_layer_scaling": True,
     "persist_layer_norm": True,
     "masked_softmax_fusion": True,

@@ -11,25 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import DistributedRunError, run_distributed
+from neva_tiny import TINY_GPT
 
 SEED = 1234
 VOCAB = 256
-TINY_GPT = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "ffn_hidden_size": 128,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "encoder_seq_length": 32,
-    "max_position_embeddings": 32,
-    "position_embedding_type": "rope",
-    "normalization": "rmsnorm",
-    "activation": "fast-swiglu",
-    "bias": False,
-    "share_embeddings_and_output_weights": False,
-    "hidden_dropout": 0.0,
-    "attention_dropout": 0.0,
-}
 
 
 def _forward(tp: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
