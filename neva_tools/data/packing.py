@@ -110,12 +110,30 @@ def pack_sequences(samples: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Pack
     return PackedSequence(ids, labels, positions, cu)
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
-    """A [1, 1, s, s] boolean mask (True = masked, megatron's convention): causal within samples only."""
-    total = int(cu_seqlens[-1]) if total is None else total
-    segment = torch.full((total,), -1, dtype=torch.long)
-    for k in range(len(cu_seqlens) - 1):
-        segment[int(cu_seqlens[k]) : int(cu_seqlens[k + 1])] = k
-    same = segment[:, None] == segment[None, :]
+def packed_attention_mask(input_ids: torch.Tensor, cu_seqlens: Sequence[torch.Tensor | None],
+                          image_tokens: int = 1, image_token_index: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Block-diagonal causal mask ``[b, 1, S, S]`` (True = masked, megatron's convention) for packed rows.
+
+    ``input_ids`` ``[b, s]`` hold one ``image_token_index`` per image, which ``LLaVAModel`` expands to
+    ``image_tokens`` embeddings; the mask is built in that expanded space (``S`` = the longest expanded row), so
+    each sample attends only to itself. ``cu_seqlens[r]`` gives row ``r``'s sample starts and total in text
+    tokens (``None``: the row is one sample). Padding after the samples forms a segment of its own, so no query
+    row is fully masked (fused attention kernels return NaN for those).
+    """
+    rows, s = input_ids.shape
+    widths = torch.ones_like(input_ids)
+    if image_token_index is not None:
+        widths[input_ids == image_token_index] = image_tokens
+    total = int(widths.sum(dim=1).max())
+    segments = torch.empty(rows, total, dtype=torch.long)
+    for r in range(rows):
+        cu = cu_seqlens[r] if cu_seqlens[r] is not None else torch.tensor([0, s])
+        segment = torch.full((s,), len(cu) - 1, dtype=torch.long)  # padding: the last segment
+        for k in range(len(cu) - 1):
+            segment[int(cu[k]) : int(cu[k + 1])] = k
+        expanded = torch.repeat_interleave(segment, widths[r])
+        segments[r, : len(expanded)] = expanded
+        segments[r, len(expanded) :] = len(cu) - 1
+    same = segments[:, :, None] == segments[:, None, :]
     causal = torch.ones(total, total, dtype=torch.bool).tril()
-    return ~(same & causal & (segment[:, None] >= 0))[None, None]
+    return ~(same & causal)[:, None]

@@ -54,9 +54,10 @@ def projector_config(language: Any, projector_type: str) -> Any:
 
 def build_neva_model(parts: NevaParts) -> Any:
     """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    from neva_tools.model.attention import gpt_local_spec
     from neva_tools.model.vision import vit_layer_spec
 
     if parts.image_size % parts.patch_size:
@@ -72,7 +73,7 @@ def build_neva_model(parts: NevaParts) -> Any:
     projection = projector_config(language, parts.projector_type)
     model = LLaVAModel(
         language_transformer_config=language,
-        language_transformer_layer_spec=get_gpt_layer_local_spec(normalization=language.normalization),
+        language_transformer_layer_spec=gpt_local_spec(language.normalization),
         language_vocab_size=parts.padded_vocab_size,
         language_max_sequence_length=kwargs["max_sequence_length"],
         vision_transformer_config=parts.vision_config,

@@ -43,14 +43,16 @@ _OPEN_CLIP_WEIGHTS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
 
 
 def vit_layer_spec() -> ModuleSpec:
-    """megatron-core's local (no Transformer Engine) ViT layer spec with bidirectional self-attention."""
+    """megatron-core's local (no Transformer Engine) ViT layer spec with bidirectional SDPA self-attention."""
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
     from megatron.core.transformer.enums import AttnMaskType
+
+    from neva_tools.model.attention import use_sdpa
 
     spec = get_vit_layer_with_local_spec()  # a fresh object on every call
     attention = spec.submodules.self_attention
     attention.params = {**attention.params, "attn_mask_type": AttnMaskType.no_mask}
-    return spec
+    return use_sdpa(spec)
 
 
 def build_clip_vit(

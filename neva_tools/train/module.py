@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from neva_tools.data.packing import packed_attention_mask
 from neva_tools.train.optim import OptimSettings, build_optimizer
 from neva_tools.train.schedule import cosine_annealing
 from neva_tools.train.strategy import clip_tp_grads
@@ -32,20 +33,40 @@ class ScheduleSettings:
 
 
 def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss over supervised tokens, number of supervised tokens) for a collated batch."""
+    """(mean loss over supervised tokens, number of supervised tokens) for a collated batch.
+
+    Packed rows (``cu_seqlens`` from ``PackedNevaDataset``) get a block-diagonal causal mask in the
+    image-expanded space, so samples never attend to each other. A batch without images (text-only records)
+    still touches the trainable vision parameters with a zero-weighted term, so data-parallel gradient sync
+    sees the same parameters used on every rank.
+    """
+    inner = getattr(model, "module", model)  # DDP-wrapped in training
     labels = batch["labels"]
     loss_mask = batch.get("loss_mask", (labels != -100).float())
+    attention_mask = batch.get("attention_mask")
+    cu_seqlens = batch.get("cu_seqlens") or []
+    if attention_mask is None and any(cu is not None for cu in cu_seqlens):
+        attention_mask = packed_attention_mask(batch["input_ids"], cu_seqlens, inner.img_seq_len,
+                                               inner.image_token_index)  # fmt: skip
+        # LLaVAModel cuts the combined rows (padding included) at the LLM's maximum length; cut the mask alike
+        limit = inner.language_model.max_sequence_length
+        attention_mask = attention_mask[..., :limit, :limit].to(batch["input_ids"].device)
     out, new_mask = model(
         batch["images"],
         batch["input_ids"],
         batch["position_ids"],
-        batch.get("attention_mask"),
+        attention_mask,
         labels=labels.clamp(min=0),
         loss_mask=loss_mask,
         num_image_tiles=batch.get("num_image_tiles"),
     )
     tokens = new_mask.sum()
-    return (out.float() * new_mask).sum() / tokens.clamp(min=1), tokens
+    loss = (out.float() * new_mask).sum() / tokens.clamp(min=1)
+    if len(batch["images"]) == 0 and torch.is_grad_enabled():
+        unused = [p for part in (inner.vision_projection, inner.vision_model) if part is not None
+                  for p in part.parameters() if p.requires_grad]  # fmt: skip
+        loss = loss + sum((0.0 * p.sum() for p in unused), torch.zeros((), device=loss.device))
+    return loss, tokens
 
 
 LossFn = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]

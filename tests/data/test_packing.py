@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from neva_tools.data.packing import block_causal_mask, first_fit_decreasing, pack_sequences
+from neva_tools.data.packing import first_fit_decreasing, pack_sequences, packed_attention_mask
 from neva_tools.errors import NevaError
 
 
@@ -38,7 +38,7 @@ def test_packed_sequence_boundaries_and_mask() -> None:
     assert packed.labels.tolist() == [2, 3, -100, 8, -100]  # no label points into the next sample
     assert packed.position_ids.tolist() == [0, 1, 2, 0, 1]
     assert packed.cu_seqlens.tolist() == [0, 3, 5]
-    mask = block_causal_mask(packed.cu_seqlens)[0, 0]
+    mask = packed_attention_mask(packed.input_ids[None], [packed.cu_seqlens])[0, 0]
     allowed = (~mask).int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0],
@@ -47,3 +47,27 @@ def test_packed_sequence_boundaries_and_mask() -> None:
         [0, 0, 0, 1, 0],
         [0, 0, 0, 1, 1],
     ]
+
+
+def test_packed_mask_is_built_in_the_image_expanded_space() -> None:
+    """Row 0: sample [5, <image>] then sample [6]; row 1 unpacked [<image>, 7] + one pad; an image = 3 embeddings."""
+    image = -200
+    ids = torch.tensor([[5, image, 6], [image, 7, 0]])
+    mask = packed_attention_mask(ids, [torch.tensor([0, 2, 3]), None], image_tokens=3, image_token_index=image)
+    assert mask.shape == (2, 1, 5, 5)
+    allowed = (~mask[:, 0]).int().tolist()
+    assert allowed[0] == [  # segments 0 0 0 0 | 1
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 1],
+    ]
+    assert allowed[1] == [  # one sample of 3 + 1 (row has no cu_seqlens: all one segment, pad included)
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    assert bool((~mask).any(dim=-1).all())  # no fully masked query row
