@@ -60,12 +60,20 @@ class LossCurve(pl.Callback):
         self.directory = Path(directory)
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        self._step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to (1-based)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        # the module's own micro-batch loss: Lightning's ``outputs`` is divided by the accumulation count
+        loss = getattr(module, "last_loss", None)
+        if loss is None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged below
-            self.steps.append(trainer.global_step)
+            self.steps.append(self._step)
             self.losses.append(float(loss))
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:

@@ -87,6 +87,7 @@ class NevaModule(pl.LightningModule):
         self.build_model, self.optim, self.sched, self.loss_fn = build_model, optim, sched, loss_fn
         self.loader = loader  # built lazily: the data-parallel rank is known only once training starts
         self.model: torch.nn.Module | None = None
+        self.last_loss: torch.Tensor | None = None
         self._step_start = time.perf_counter()
 
     def configure_model(self) -> None:
@@ -100,6 +101,7 @@ class NevaModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, tokens = self.loss_fn(self.model, batch)
+        self.last_loss = loss.detach()  # the micro-batch's loss, before Lightning scales it for accumulation
         now = time.perf_counter()
         elapsed, self._step_start = now - self._step_start, now
         self.log("train_loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["input_ids"]))

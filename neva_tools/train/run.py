@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.errors import NevaError
+from neva_tools.train.text import train_text
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ def _datasets(cfg: DictConfig) -> list[Any]:
 
 def train(cfg: DictConfig) -> Path | None:
     """Run the training job described by ``cfg``; return the final ``.nemo`` (on global rank 0)."""
+    if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
+        return train_text(cfg)  # LLM-only continued pretraining on mmap text
     from megatron.core import parallel_state
     from torch.utils.data import DataLoader
 
-    from neva_tools.data.dataset import NevaDataset, collate
+    from neva_tools.data.dataset import NevaDataset, PackedNevaDataset, collate
     from neva_tools.data.images import ImageProcessor
     from neva_tools.mappings.clip import hf_clip_state_to_mcore, mcore_splits, open_clip_state_to_mcore
     from neva_tools.mappings.clip import transformer_config as vision_transformer_config
@@ -106,6 +109,10 @@ def train(cfg: DictConfig) -> Path | None:
     dataset = NevaDataset(_datasets(cfg), tokenizer, ImageProcessor(arch.image_size, m.data.image_aspect_ratio),
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
                           image_tokens=image_tokens)  # fmt: skip
+    if m.data.packing:
+        dataset = PackedNevaDataset(dataset, int(m.data.max_seq_length))
+        logger.info("packed %d samples into %d rows of %d tokens (%.0f%% full)", len(dataset.base), len(dataset),
+                    dataset.plan.capacity, 100 * dataset.plan.fill_ratio)  # fmt: skip
     projector = str(m.mm_cfg.mm_mlp_adapter_type)
     freeze_llm, freeze_vision = bool(m.mm_cfg.llm.freeze), bool(m.mm_cfg.vision_encoder.freeze)
     llm_run_cfg = {**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}

@@ -16,7 +16,8 @@ from neva_tools.errors import NevaError
 from neva_tools.train.fit import TrainerSettings, accumulation
 
 
-def fit_tiny(rank: int, world_size: int, tp: int, steps: int, log_dir: str, lr: float) -> list[float]:
+def fit_tiny(rank: int, world_size: int, tp: int, steps: int, log_dir: str, lr: float,
+             accumulate: int = 1) -> list[float]:  # fmt: skip
     """Train the tiny NeVA (LLM + projector) on a fixed repeated batch; return rank 0's per-step losses."""
     import torch
     from neva_tiny import batch, build
@@ -34,7 +35,7 @@ def fit_tiny(rank: int, world_size: int, tp: int, steps: int, log_dir: str, lr: 
 
     loader = DataLoader(samples, batch_size=2, shuffle=False, collate_fn=collate)
     settings = TrainerSettings(max_steps=steps, tensor_model_parallel_size=tp, micro_batch_size=2,
-                               global_batch_size=2 * (world_size // tp), progress=False)  # fmt: skip
+                               global_batch_size=2 * (world_size // tp) * accumulate, progress=False)  # fmt: skip
     module = NevaModule(lambda: build(tp, freeze_llm=False), OptimSettings(lr=lr), ScheduleSettings(max_steps=steps))
     trainer = make_trainer(settings, log_dir)
     trainer.fit(module, loader)
@@ -67,3 +68,11 @@ def test_accumulation_rule() -> None:
                                         global_batch_size=16), 4) == 4  # fmt: skip
     with pytest.raises(NevaError, match=r"global_batch_size \(10\) must be divisible by micro_batch_size \(4\)"):
         accumulation(TrainerSettings(max_steps=1, micro_batch_size=4, global_batch_size=10), 1)
+
+
+def test_loss_curve_with_accumulation_is_per_step_and_unscaled(tmp_path: Path) -> None:
+    """Two identical micro-batches per step give TP=1's curve: one row per optimizer step, the true loss."""
+    plain = run_distributed(fit_tiny, 1, 1, 3, str(tmp_path / "plain"), 1e-3)[0]
+    accumulated = run_distributed(fit_tiny, 1, 1, 3, str(tmp_path / "acc"), 1e-3, 2)[0]
+    assert len(accumulated) == len(plain) == 3
+    assert max(abs(a - b) for a, b in zip(plain, accumulated, strict=True)) <= 1e-5

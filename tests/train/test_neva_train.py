@@ -112,3 +112,25 @@ def test_tiny_neva_learns_synthetic_captions(assets: dict[str, Any]) -> None:
     losses = [float(r.split(",")[1]) for r in rows]
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert len(losses) == 150 and end < 0.3 * start, (start, end)
+
+
+def test_packed_finetuning_with_text_only_records_at_tp2(assets: dict[str, Any]) -> None:
+    """``model.data.packing=true`` on a mix of image records and text-only records, two TP ranks."""
+    import json
+
+    records = json.loads(Path(assets["data"]["finetune"]).read_text())[:8]
+    text_only = [{"id": f"text{i}", "conversations": [{"from": "human", "value": f"Say the number {i}."},
+                                                       {"from": "gpt", "value": f"The number is {i}."}]}
+                 for i in range(6)]  # fmt: skip
+    mixed = assets["root"] / "mixed.json"
+    mixed.write_text(json.dumps(records + text_only))
+    job = [
+        *_common(assets, "packed"),
+        f"model.data.data_path={mixed}", "model.mm_cfg.llm.model_type=vicuna_v1", "model.data.packing=true",
+        "model.mm_cfg.llm.freeze=false", "trainer.max_steps=3", "model.optim.lr=1e-4", "model.data.max_seq_length=256",
+        "model.tensor_model_parallel_size=2", "exp_manager.checkpoint_every_n_steps=0",
+    ]  # fmt: skip
+    out = run_distributed(train_job, 2, job, timeout=600)[0]
+    rows = (assets["root"] / "runs" / "packed" / "logs" / "loss.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[1]) for r in rows]
+    assert out and len(losses) == 3 and all(0 < x < 20 for x in losses)

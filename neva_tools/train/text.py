@@ -1,0 +1,202 @@
+"""LLM continued pretraining on mmap text (``model.text_pretrain.enabled: true``; the NEO recipe).
+
+The LLM of ``model.mm_cfg.llm.from_pretrained`` is trained alone (no vision encoder, projector or LLaVA
+data) on megatron-core ``GPTDataset`` samples blended from ``model.text_pretrain.data_path`` by
+``BlendedMegatronDatasetBuilder``, with the NeVA engine: the Lightning trainer and megatron strategy, the
+same optimizer, schedule, dist checkpoints with resume (samples continue where they stopped), logs and
+``loss.png``. Every ``eval_interval`` steps the loss on the first ``eval_iters`` global batches of the
+validation split is logged as ``val_loss`` (also ``val_loss.csv``). At the end the run writes a GPT
+``.nemo`` in the converter's layout (``runs/NAME/NAME.nemo``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from neva_tools.errors import NevaError
+
+logger = logging.getLogger(__name__)
+
+
+def gpt_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the loss-masked tokens, number of those tokens) for a ``collate_text`` batch."""
+    mask = batch["loss_mask"].float()
+    losses = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    tokens = mask.sum()
+    return (losses.float() * mask).sum() / tokens.clamp(min=1), tokens
+
+
+class TextValidation(pl.Callback):
+    """Every ``every`` optimizer steps and at the end: the token-mean loss over the batches of ``make_loader()``."""
+
+    def __init__(self, make_loader: Callable[[], Any], every: int, directory: Path) -> None:
+        self.make_loader, self.every, self.directory = make_loader, every, Path(directory)
+        self.history: list[tuple[int, float]] = []
+        self._last = -1
+
+    def evaluate(self, module: pl.LightningModule) -> float:
+        """The validation loss, summed over tokens on every data-parallel rank."""
+        from megatron.core import parallel_state
+
+        model = module.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in self.make_loader():
+                batch = {k: v.to(module.device) for k, v in batch.items()}
+                loss, tokens = gpt_loss(model, batch)
+                total += torch.tensor([float(loss) * float(tokens), float(tokens)], dtype=torch.float64)
+        model.train(was_training)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            device = module.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            total = total.to(device)
+            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _run(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last or step == 0:
+            return
+        self._last = step
+        value = self.evaluate(module)
+        self.history.append((step, value))
+        for log in trainer.loggers:
+            log.log_metrics({"val_loss": value}, step=step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self._run(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.every > 0:
+            self._run(trainer, module)
+        if trainer.is_global_zero and self.history:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            rows = "".join(f"{s},{v}\n" for s, v in self.history)
+            (self.directory / "val_loss.csv").write_text("step,val_loss\n" + rows)
+
+
+class FinalGptNemo(pl.Callback):
+    """Writes the run's GPT ``.nemo`` when training ends (while the parallel groups still exist)."""
+
+    def __init__(self, path: Path, source: Path, tokenizer: Path | None) -> None:
+        self.path, self.source, self.tokenizer = path, source, tokenizer
+        self.output: Path | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from neva_tools.model.gpt_nemo import save_gpt_nemo
+
+        self.output = save_gpt_nemo(module.model, self.path, self.source, self.tokenizer)
+
+
+def validation_batches(dataset: Any, iters: int, global_batch: int, micro_batch: int, vocab: int) -> Any:
+    """This data-parallel rank's share of the first ``iters`` global batches of ``dataset``, in micro-batches."""
+    from megatron.core import parallel_state
+    from torch.utils.data import DataLoader, Subset
+
+    from neva_tools.data.gpt_blend import collate_text
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    indices = list(range(rank, iters * global_batch, dp))  # interleaved like ResumableSampler
+    return DataLoader(Subset(dataset, indices), batch_size=micro_batch, collate_fn=lambda b: collate_text(b, vocab))
+
+
+def train_text(cfg: DictConfig) -> Path | None:
+    """Run the text-pretraining job described by ``cfg``; return the final GPT ``.nemo`` (on global rank 0)."""
+    from megatron.core import parallel_state
+    from torch.utils.data import DataLoader
+
+    from neva_tools.data.gpt_blend import DatasetTokenizer, TextDataSettings, build_text_datasets, collate_text
+    from neva_tools.model import neva_io
+    from neva_tools.model.from_nemo import load_gpt_from_nemo
+    from neva_tools.model.gpt import gpt_model_kwargs
+    from neva_tools.train import checkpoint as ckpt
+    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
+    from neva_tools.train.module import NevaModule, ScheduleSettings
+    from neva_tools.train.optim import OptimSettings
+    from neva_tools.train.run import _precision
+    from neva_tools.train.sampler import ResumableSampler
+    from neva_tools.train.text_validate import text_problems
+
+    m, t = cfg.model, cfg.model.text_pretrain
+    tp = int(m.tensor_model_parallel_size)
+    if int(m.pipeline_model_parallel_size) != 1:
+        raise NevaError("pipeline_model_parallel_size > 1 is not supported for text pretraining yet; use TP")
+    problems = text_problems(cfg, offline=False)
+    if problems:
+        raise NevaError("the text-pretraining config has problems:\n  " + "\n  ".join(problems))
+    llm_path = Path(m.mm_cfg.llm.from_pretrained)
+    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    llm_cfg, vocab = neva_io.llm_config(llm_path)
+    override = Path(m.tokenizer.model) if m.tokenizer.model else None
+    tokenizer = override or neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
+    data_tok = DatasetTokenizer(tokenizer)
+    if data_tok.vocab_size > vocab:
+        raise NevaError(f"tokenizer {tokenizer} has {data_tok.vocab_size} tokens but the LLM's vocabulary is "
+                        f"{vocab}; use the LLM's tokenizer")  # fmt: skip
+    seq = int(t.seq_length)
+    positions = gpt_model_kwargs(llm_cfg)
+    if positions["position_embedding_type"] != "rope" and seq > int(positions["max_sequence_length"]):
+        raise NevaError(f"model.text_pretrain.seq_length ({seq}) exceeds the LLM's learned positions "
+                        f"({positions['max_sequence_length']}, encoder_seq_length of {llm_path})")  # fmt: skip
+    settings = TrainerSettings(
+        max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
+        global_batch_size=int(m.global_batch_size), precision=_precision(cfg.trainer.precision),
+        gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
+    )  # fmt: skip
+    data = TextDataSettings(
+        data_path=t.data_path, seq_length=seq, split=str(t.split), seed=int(m.seed),
+        index_cache=Path(t.index_cache) if t.index_cache else run_dir / "index_cache",
+        reset_position_ids=bool(t.reset_position_ids), reset_attention_mask=bool(t.reset_attention_mask),
+        eod_mask_loss=bool(t.eod_mask_loss),
+    )  # fmt: skip
+    every, iters = int(t.eval_interval), int(t.eval_iters)
+    resume = ckpt.latest(run_dir / "checkpoints") if cfg.exp_manager.resume_if_exists else None
+    consumed = consumed_samples(resume, settings.global_batch_size)
+    datasets: dict[str, Any] = {}
+
+    def build_data() -> None:  # collective (barriers): called on every rank once the process group exists
+        if not datasets:
+            gbs = settings.global_batch_size
+            valid = iters * gbs if every > 0 else 0
+            datasets["train"], datasets["valid"] = build_text_datasets(data, data_tok, settings.max_steps * gbs, valid)
+
+    def loader() -> DataLoader:
+        build_data()
+        sampler = ResumableSampler(len(datasets["train"]), dp_rank=parallel_state.get_data_parallel_rank(),
+                                   dp_size=parallel_state.get_data_parallel_world_size(), shuffle=False,
+                                   consumed_samples=consumed)  # fmt: skip
+        return DataLoader(datasets["train"], batch_size=settings.micro_batch_size, sampler=sampler,
+                          num_workers=int(m.data.num_workers), collate_fn=lambda b: collate_text(b, vocab))  # fmt: skip
+
+    def build() -> Any:
+        return load_gpt_from_nemo(llm_path)[0]
+
+    o = m.optim
+    optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))
+    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
+                             constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
+    module = NevaModule(build, optim, sched, loss_fn=gpt_loss, loader=loader)
+    final = FinalGptNemo(run_dir / f"{cfg.name}.nemo", llm_path, override)
+    mbs, gbs = settings.micro_batch_size, settings.global_batch_size
+    validation = TextValidation(lambda: validation_batches(datasets["valid"], iters, gbs, mbs, vocab), every,
+                                run_dir / "logs")  # fmt: skip
+    callbacks = [validation, PeriodicCheckpoint(run_dir / "checkpoints", int(cfg.exp_manager.checkpoint_every_n_steps)),
+                 final]  # fmt: skip
+    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
+    if resume is not None:
+        logger.info("resuming from %s (%d samples consumed)", resume, consumed)
+    trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    if final.output is not None:
+        logger.info("final model: %s; logs and loss.png: %s", final.output, run_dir / "logs")
+    return final.output
