@@ -4,9 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean container-lint container-test
 
-$(STAMP): pyproject.toml
+# The lock: requirements/*.txt (pyproject.toml reads them; the container images install from them too).
+LOCK := requirements/torch.txt requirements/runtime.txt requirements/test.txt requirements/lint.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -23,6 +26,18 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# hadolint on every Dockerfile and every version written in them checked against the lock (tests/containers too).
+DOCKERFILES := $(wildcard containers/Dockerfile*)
+
+container-lint: $(STAMP)
+	$(BIN)/hadolint --config containers/hadolint.yaml $(DOCKERFILES)
+	$(BIN)/python containers/check_pins.py $(DOCKERFILES)
+
+# Builds the CPU image (podman, or a running Docker engine) and runs the smoke tests and the reduced demo in it
+# with --network none. See containers/README.md.
+container-test: container-lint
+	bash containers/container_test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

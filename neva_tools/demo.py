@@ -92,81 +92,57 @@ def train_stage(nproc: int, overrides: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-@torch.no_grad()
 def evaluate(final: Path, clip: Path, heldout: Path, images: Path, template: str) -> dict[str, dict[str, float]]:
-    """Accuracy per question kind on ``heldout``: the candidate answer with the highest likelihood wins."""
-    from neva_tools.data.dataset import collate
-    from neva_tools.data.images import ImageProcessor
-    from neva_tools.data.records import Turn
-    from neva_tools.data.templates import tokenize_conversation
-    from neva_tools.mappings.clip import open_clip_state_to_mcore, transformer_config
-    from neva_tools.model import neva_io
-    from neva_tools.model.neva import NevaParts, build_neva_model
-    from neva_tools.model.parallel import destroy_distributed, init_distributed
-    from neva_tools.model.vision import load_mcore_state, read_clip_vision
-    from neva_tools.tokenizer.text import TextTokenizer
+    """Accuracy per question kind on ``heldout``: the candidate answer with the highest likelihood wins.
 
-    init_distributed(tp=1)
-    try:
-        cfg, vocab = neva_io.llm_config(final)
-        state, arch, _ = read_clip_vision(clip)
-        parts = NevaParts({**cfg, "tensor_model_parallel_size": 1}, neva_io.llm_padded_vocab(cfg, vocab, 1),
-                          transformer_config(arch, 1), arch.image_size, arch.patch_size, "mlp2x_gelu")  # fmt: skip
-        model = build_neva_model(parts).eval()
-        neva_io.load_llm(model, final, 1, 0)
-        neva_io.load_projector(model, final, "mlp2x_gelu", 1, 0)
-        load_mcore_state(model.vision_model, open_clip_state_to_mcore(state, arch), _splits(arch))
-        tok = TextTokenizer(neva_io.extract_tokenizer(final, neva_io.scratch_dir()))
-        process = ImageProcessor(arch.image_size, "pad")
-        scores: dict[str, list[bool]] = {}
-        for record in json.loads(heldout.read_text()):
-            question, truth = record["conversations"][0]["value"], record["conversations"][1]["value"]
-            image = process(images / record["image"])
-            batch = []
-            for answer in CANDIDATES[record["kind"]]:
-                t = tokenize_conversation([Turn("user", question), Turn("assistant", answer)], template, tok)
-                ids, labels = torch.tensor(t.input_ids), torch.tensor(t.labels)
-                batch.append({"input_ids": ids[:-1], "labels": labels[1:], "images": image[None], "id": answer})
-            b = collate(batch, tok.pad_id)
-            loss, mask = model(b["images"], b["input_ids"], b["position_ids"], None,
-                               labels=b["labels"].clamp(min=0), loss_mask=b["loss_mask"])  # fmt: skip
-            nll = (loss * mask).sum(dim=1)
-            best = CANDIDATES[record["kind"]][int(nll.argmin())]
-            scores.setdefault(record["kind"], []).append(best == truth)
-        return {k: {"accuracy": sum(v) / len(v), "chance": 1 / len(CANDIDATES[k]), "questions": len(v)}
-                for k, v in scores.items()}  # fmt: skip
-    finally:
-        destroy_distributed()
+    This is ``neva eval``'s multiple-choice metric; the candidates are written beside ``heldout`` as
+    ``candidates.json``, so ``neva eval --model FINAL --data HELDOUT --image-folder IMAGES --vision CLIP
+    --candidates candidates.json`` reproduces these numbers.
+    """
+    from neva_tools.inference.evaluate import EvalSettings
+    from neva_tools.inference.evaluate import evaluate as evaluate_model
+    from neva_tools.inference.load import load_neva
+    from neva_tools.inference.session import inference_session
+    from neva_tools.utils.atomic import atomic_path
 
-
-def _splits(arch: Any) -> Any:
-    from neva_tools.mappings.clip import mcore_splits
-
-    return mcore_splits(arch)
+    with atomic_path(heldout.with_name("candidates.json")) as tmp:
+        tmp.write_text(json.dumps(CANDIDATES, indent=1) + "\n")
+    with inference_session(1, "eval"):
+        loaded = load_neva(final, vision=clip, template=template)
+        report, _ = evaluate_model(loaded, heldout, images, EvalSettings(metrics=("choice",), candidates=CANDIDATES))
+    return {kind: {"accuracy": r["accuracy"], "chance": r["chance"], "questions": r["questions"]}
+            for kind, r in report["choice"]["by_kind"].items()}  # fmt: skip
 
 
 def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 100, stage2_steps: int = 700,
         nproc: int = 2, image_size: int = 64) -> dict[str, Any]:  # fmt: skip
-    """The whole demo; returns the accuracy report (also written to ``out/eval.json``)."""
+    """The whole demo; returns the accuracy report (also written to ``out/eval.json``).
+
+    Both stages run ``recipes/tiny_cpu/`` (the hyperparameters live there); only this run's paths, step counts and
+    the global batch of ``nproc`` processes (micro batch × DP, DP = ``nproc`` / TP 2) are given on the command line.
+    """
+    from neva_tools.train.config import load_config
+
     start = time.time()
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu"
+    recipe1, recipe2 = recipes / "stage1_pretrain.yaml", recipes / "stage2_finetune.yaml"
+    cfg1, cfg2 = load_config(recipe1), load_config(recipe2)
     paths = prepare(out, train=train, heldout=heldout, image_size=image_size)
-    common = [f"exp_manager.exp_dir={out / 'runs'}", f"model.mm_cfg.llm.from_pretrained={paths['llm']}",
-              f"model.mm_cfg.vision_encoder.from_pretrained={paths['clip']}", "model.tensor_model_parallel_size=2",
-              f"model.data.image_folder={paths['images']}", "model.data.num_workers=1",
-              "model.data.max_seq_length=256", "model.micro_batch_size=8", f"model.global_batch_size={8 * nproc // 2}",
-              "exp_manager.checkpoint_every_n_steps=0", "trainer.log_every_n_steps=10"]  # fmt: skip
-    train_stage(nproc, [*common, "name=stage1", f"model.data.data_path={paths['pretrain']}",
-                        "model.mm_cfg.llm.model_type=plain", f"trainer.max_steps={stage1_steps}",
-                        "model.optim.lr=1e-3", "model.optim.sched.min_lr=1e-4"])  # fmt: skip
-    stage1 = out / "runs" / "stage1" / "stage1.nemo"
-    train_stage(nproc, [*common, "name=stage2", f"model.data.data_path={paths['finetune']}",
-                        "model.mm_cfg.llm.model_type=vicuna_v1", "model.mm_cfg.llm.freeze=false",
+    runs, m = out / "runs", cfg1.model
+    batch = m.micro_batch_size * nproc // m.tensor_model_parallel_size  # micro batch × DP
+    common = [f"exp_manager.exp_dir={runs}", f"model.mm_cfg.llm.from_pretrained={paths['llm']}",
+              f"model.mm_cfg.vision_encoder.from_pretrained={paths['clip']}",
+              f"model.data.image_folder={paths['images']}", f"model.global_batch_size={batch}"]  # fmt: skip
+    train_stage(nproc, [str(recipe1), *common, f"model.data.data_path={paths['pretrain']}",
+                        f"trainer.max_steps={stage1_steps}"])  # fmt: skip
+    stage1 = runs / cfg1.name / f"{cfg1.name}.nemo"
+    warmup = min(int(cfg2.model.optim.sched.warmup_steps), stage2_steps // 10)
+    train_stage(nproc, [str(recipe2), *common, f"model.data.data_path={paths['finetune']}",
                         f"model.mm_cfg.pretrain_mm_mlp_adapter={stage1}", f"trainer.max_steps={stage2_steps}",
-                        "model.optim.lr=2e-3", f"model.optim.sched.warmup_steps={min(20, stage2_steps // 10)}",
-                        "model.optim.sched.min_lr=1e-4"])  # fmt: skip
-    final = out / "runs" / "stage2" / "stage2.nemo"
-    report = evaluate(final, paths["clip"], paths["heldout"], paths["images"], "vicuna_v1")
-    logs = out / "runs" / "stage2" / "logs"
+                        f"model.optim.sched.warmup_steps={warmup}"])  # fmt: skip
+    final = runs / cfg2.name / f"{cfg2.name}.nemo"
+    report = evaluate(final, paths["clip"], paths["heldout"], paths["images"], cfg2.model.data.conv_template)
+    logs = runs / cfg2.name / "logs"
     result = {"eval": report, "final_nemo": str(final), "logs": str(logs), "loss_png": str(logs / "loss.png"),
               "seconds": round(time.time() - start)}  # fmt: skip
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from neva_tools.cli.common import positive_int
+
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
     """Add ``neva config show`` and ``neva config validate``."""
@@ -16,6 +18,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         a.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         if name == "validate":
             a.add_argument("--offline", action="store_true", help="skip the checks that read the referenced files")
+            a.add_argument("--devices", type=positive_int, metavar="N",
+                           help="processes per node (scripts/train.sh N): global batch vs micro × DP")  # fmt: skip
         a.set_defaults(func=func)
 
 
@@ -38,9 +42,12 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``neva config validate``."""
-    from neva_tools.train.validate import check_config
+    from neva_tools.train.validate import advisories, check_config
 
-    problems = check_config(_load(args), offline=args.offline)
+    cfg = _load(args)
+    problems = check_config(cfg, offline=args.offline, devices=args.devices)
+    for note in advisories(cfg):
+        print(f"note: {note}")
     for problem in problems:
         print(f"problem: {problem}")
     print("OK: the config is valid" if not problems else f"FAILED: {len(problems)} problems")

@@ -6,8 +6,10 @@ import argparse
 import json
 
 from neva_tools.cli.common import positive_int
+from neva_tools.cli.export import add_run_options, print_steps
 from neva_tools.convert.hf_to_nemo import DTYPES, ConvertSummary, convert_hf_to_nemo
 from neva_tools.convert.nemo_to_hf import convert_nemo_to_hf
+from neva_tools.errors import NevaError
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY
 from neva_tools.utils.resources import human_bytes
 
@@ -42,10 +44,15 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         parents=[parent],
         help=".nemo (any TP, legacy or dist) → Hugging Face safetensors + config + tokenizer",
     )
-    n2h.add_argument("--input", required=True, help="the .nemo file (or extracted directory)")
+    source = n2h.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="the .nemo file (or extracted directory)")
+    source.add_argument("--all-checkpoints", metavar="RUN_DIR",
+                        help="convert the LLM of every checkpoint of a NeVA training run into OUTPUT/step=N, "
+                        "skipping steps already converted")  # fmt: skip
     n2h.add_argument("--output", required=True, help="the Hugging Face directory to write")
     n2h.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the .nemo's precision)")
     n2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default %(default)s)")
+    add_run_options(n2h)
     n2h.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     n2h.add_argument("--json", action="store_true", help="print the summary as JSON")
     n2h.set_defaults(func=run_nemo_to_hf)
@@ -80,6 +87,16 @@ def run_hf_to_nemo(args: argparse.Namespace) -> int:
 
 def run_nemo_to_hf(args: argparse.Namespace) -> int:
     """``neva convert nemo-to-hf``."""
+    if args.all_checkpoints is not None:
+        from neva_tools.export.run_dir import convert_all, write_llm
+
+        options = {"dtype": args.dtype, "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}
+        results = convert_all(args.all_checkpoints, args.output, lambda src, out: write_llm(src, out, **options),
+                              config=args.config, overrides=args.overrides, overwrite=args.overwrite)  # fmt: skip
+        print_steps(results)
+        return 0
+    if args.config or args.overrides:
+        raise NevaError("--config and --set describe a run's checkpoints; use them with --all-checkpoints")
     summary = convert_nemo_to_hf(
         args.input, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite
     )

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from neva_tools import __version__
-from neva_tools.cli import common, config, convert, data, repartition, tokenizer, train
+from neva_tools.cli import common, config, convert, data, export, generate, importer, repartition, tokenizer, train
+from neva_tools.cli import eval as eval_cmd
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import setup_logging
 from neva_tools.utils.resources import return_freed_memory_to_os
 
 #: Subcommand modules, each with ``register(subparsers, parent)``.
-SUBCOMMANDS = (tokenizer, convert, repartition, data, train, config)
+SUBCOMMANDS = (tokenizer, convert, repartition, data, train, config, generate, eval_cmd, export, importer)
 
 
 def build_parser() -> argparse.ArgumentParser:

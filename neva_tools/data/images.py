@@ -1,4 +1,5 @@
-"""Image preprocessing with CLIP's normalisation: ``square`` (resize) or ``pad`` (LLaVA-1.5 expand-to-square)."""
+"""Image preprocessing: ``square`` (resize, no crop) or ``pad`` (LLaVA-1.5 expand-to-square), then the vision
+encoder's normalisation (CLIP's or SigLIP's, see :meth:`ImageProcessor.for_encoder`)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,21 @@ from neva_tools.errors import NevaError
 #: OpenAI CLIP's normalisation (open_clip ``OPENAI_DATASET_MEAN/STD``, HF ``CLIPImageProcessor``).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: SigLIP's normalisation to [-1, 1] (HF ``SiglipImageProcessor``, open_clip/timm SigLIP ``INCEPTION_MEAN/STD``).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+#: megatron-core ``vision_model_type`` → (mean, std).
+NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 ASPECT_MODES = ("square", "pad")
 
 
 def image_token_count(image_size: int, patch_size: int, class_token: bool = False) -> int:
-    """Embeddings one image expands to: (size / patch)² (+1 with the class token). 224/14 → 256, 336/14 → 576."""
-    if image_size % patch_size:
-        raise NevaError(f"image size ({image_size}) must be a multiple of the patch size ({patch_size})")
+    """Embeddings one image expands to: ⌊size / patch⌋² (+1 with the class token).
+
+    224/14 → 256, 336/14 → 576; SigLIP so400m's 384/14 → 729 (its patch convolution drops the last 6 pixels).
+    """
+    if image_size < patch_size or patch_size < 1:
+        raise NevaError(f"image size ({image_size}) must be at least the patch size ({patch_size})")
     return (image_size // patch_size) ** 2 + int(class_token)
 
 
@@ -35,6 +44,18 @@ class ImageProcessor:
     def __post_init__(self) -> None:
         if self.aspect not in ASPECT_MODES:
             raise NevaError(f"image_aspect_ratio {self.aspect!r} is not one of {', '.join(ASPECT_MODES)}")
+
+    @classmethod
+    def for_encoder(cls, vision_model_type: str, image_size: int, aspect: str = "pad") -> ImageProcessor:
+        """The processor of a vision encoder: its ``vision_model_type`` (``clip``/``siglip``) picks the normalisation.
+
+        Use ``neva_tools.mappings.siglip.vision_model_type(arch)`` for an architecture.
+        """
+        if vision_model_type not in NORMALIZATION:
+            raise NevaError(f"no image normalisation for vision model type {vision_model_type!r}; known: "
+                            f"{', '.join(NORMALIZATION)}")  # fmt: skip
+        mean, std = NORMALIZATION[vision_model_type]
+        return cls(image_size, aspect, mean, std)
 
     def open(self, path: str | os.PathLike) -> Image.Image:
         """Open and fully decode an image as RGB; a missing or corrupt file is an error naming it."""

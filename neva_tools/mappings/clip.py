@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Entry, Split
-from neva_tools.mappings.transforms import fuse_qkv
+from neva_tools.mappings.transforms import fuse_qkv, unfuse_qkv
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
@@ -136,6 +136,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 #: HF ``hidden_act`` → our activation name.
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+#: Our activation name → the HF ``hidden_act`` that computes it (``gelu_pytorch_tanh`` is exactly ``gelu_tanh``).
+ACTIVATION_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+#: open_clip's final layer norm → HF ``post_layernorm`` (both unused by layer features; kept for complete exports).
+OPEN_CLIP_POST_NORM = {"ln_post.weight": "post_layernorm.weight", "ln_post.bias": "post_layernorm.bias"}
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,21 @@ class ClipVisionArch:
             layernorm_epsilon=float(cfg.get("layer_norm_eps", 1e-5)),
             activation=HF_ACTIVATIONS[hidden_act],
         )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The HF ``CLIPVisionConfig`` dict of this tower (the inverse of :meth:`from_hf_config`)."""
+        return {
+            "model_type": "clip_vision_model",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.ffn_hidden_size,
+            "layer_norm_eps": self.layernorm_epsilon,
+            "hidden_act": ACTIVATION_TO_HF[self.activation],
+            "num_channels": 3,
+        }
 
     def replace(self, **changes: Any) -> ClipVisionArch:
         """A copy with some fields changed."""
@@ -352,6 +371,35 @@ def hf_clip_state_to_mcore(
             raise NevaError(f"HF tensor {name} appears both with and without the {HF_PREFIX!r} prefix")
         state[name] = value
     return _convert(state, arch, HF_TABLE, HF_IGNORED, select_layer, "Hugging Face")
+
+
+def mcore_state_to_hf_clip(
+    state: Mapping[str, torch.Tensor], arch: ClipVisionArch, *, select_layer: int = -1
+) -> dict[str, torch.Tensor]:
+    """HF ``CLIPVisionModel`` tensors (names without ``vision_model.``) from full ``CLIPViTModel`` tensors.
+
+    The inverse of :func:`hf_clip_state_to_mcore` for the layers kept for ``select_layer`` (-1: all layers).
+    ``state`` must hold exactly those tensors (a ``vision_model.`` / :data:`LLAVA_PREFIX` prefix is accepted);
+    missing or unknown names raise ``NevaError``.
+    """
+    state = {k.removeprefix(LLAVA_PREFIX): v for k, v in state.items()}
+    expected = mcore_shapes(arch, select_layer)
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise NevaError(f"the megatron-core vision tensors do not match a {arch.kept_layers(select_layer)}-layer CLIP "
+                        f"ViT: missing {missing[:20]}, unknown {unknown[:20]}")  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    for name, hf_names, split in entries(HF_TABLE, arch, select_layer):
+        tensor = state[name]
+        if tuple(tensor.shape) != expected[name]:
+            raise NevaError(f"megatron-core vision tensor {name} has shape {tuple(tensor.shape)}, expected "
+                            f"{expected[name]} ({arch})")  # fmt: skip
+        if split is Split.QKV:
+            parts = unfuse_qkv(tensor, num_heads=arch.num_heads, num_groups=arch.num_heads)
+        else:
+            parts = (tensor.reshape(-1) if name == "class_token" else tensor,)
+        out.update({n: p.contiguous() for n, p in zip(hf_names, parts, strict=True)})
+    return out
 
 
 def transformer_config(

@@ -54,3 +54,13 @@ TABLES: dict[str, tuple[Entry, ...]] = {
 def table(projector_type: str) -> tuple[Entry, ...]:
     """The entries of a projector type."""
     return TABLES[projector_type]
+
+
+def nemo_to_llava_hf(projector_type: str) -> dict[str, str]:
+    """NeMo-1 ``mm_projector`` name → llava-hf ``multi_modal_projector`` name (the inverse: swap the pairs)."""
+    return {entry.hf[0]: entry.hf[1] for entry in table(projector_type)}
+
+
+def mcore_to_llava_hf(projector_type: str) -> dict[str, str]:
+    """megatron-core ``vision_projection`` name → llava-hf ``multi_modal_projector`` name."""
+    return {entry.nemo: entry.hf[1] for entry in table(projector_type)}

@@ -1,9 +1,9 @@
-"""NeVA on megatron-core: ``LLaVAModel`` = CLIP ``CLIPViTModel`` + ``MultimodalProjector`` + ``GPTModel``.
+"""NeVA on megatron-core: ``LLaVAModel`` = CLIP/SigLIP ``CLIPViTModel`` + ``MultimodalProjector`` + ``GPTModel``.
 
 Everything architectural is derived: the LLM from its NeMo model section (the ``.nemo``), the vision
-encoder from its own config (see ``neva_tools.mappings.clip``), the projector from both hidden sizes,
-the image token count from image and patch size. Only local (non-Transformer-Engine) specs are used so
-the same model runs on CPU (tests, demo) and GPU.
+encoder from its own config (see ``neva_tools.mappings.clip`` and ``.siglip``), the projector from both hidden
+sizes, the image token count from image and patch size (no class token in either: CLIP's is dropped).
+Only local (non-Transformer-Engine) specs are used so the same model runs on CPU (tests, demo) and GPU.
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def build_neva_model(parts: NevaParts) -> Any:
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
     from neva_tools.model.attention import gpt_local_spec
-    from neva_tools.model.vision import vit_layer_spec
+    from neva_tools.model.vision import drop_post_norm, vit_layer_spec
 
-    if parts.image_size % parts.patch_size:
+    siglip = parts.vision_config.vision_model_type == "siglip"  # no class token to drop (LLaVAModel asserts so)
+    if parts.image_size % parts.patch_size and not siglip:
         raise NevaError(f"image size ({parts.image_size}) must be a multiple of the patch size ({parts.patch_size})")
+    # megatron-core wants whole patches; SigLIP's "valid" convolution drops the remainder (so400m/14: 384 → 378 px).
+    covered = parts.patch_size * (parts.image_size // parts.patch_size)
     language = transformer_config_from_nemo(parts.llm_cfg)
     kwargs = gpt_model_kwargs(parts.llm_cfg)
     if kwargs["position_embedding_type"] != "rope":
@@ -77,8 +80,8 @@ def build_neva_model(parts: NevaParts) -> Any:
         language_vocab_size=parts.padded_vocab_size,
         language_max_sequence_length=kwargs["max_sequence_length"],
         vision_transformer_config=parts.vision_config,
-        vision_transformer_layer_spec=vit_layer_spec(),  # bidirectional attention, as CLIP
-        drop_vision_class_token=True,
+        vision_transformer_layer_spec=vit_layer_spec(),  # bidirectional attention, as CLIP and SigLIP
+        drop_vision_class_token=not siglip,
         vision_projection_config=projection,
         vision_projection_layer_spec=get_mlp_module_spec(use_te=False).submodules,
         vision_projection_type=PROJECTOR_TYPES[parts.projector_type],
@@ -89,10 +92,12 @@ def build_neva_model(parts: NevaParts) -> Any:
         language_rotary_base=kwargs["rotary_base"],
         language_rope_scaling=kwargs["rope_scaling"],
         language_rope_scaling_factor=kwargs["rope_scaling_factor"],
-        img_h=parts.image_size,
-        img_w=parts.image_size,
+        img_h=covered,
+        img_w=covered,
         patch_dim=parts.patch_size,
     )
+    if siglip:
+        drop_post_norm(model.vision_model)  # features are layer outputs without a final norm, as for CLIP
     if kwargs.get("seq_len_interpolation_factor"):
         model.language_model.rotary_pos_emb.seq_len_interpolation_factor = kwargs["seq_len_interpolation_factor"]
     if model.img_seq_len != parts.image_tokens:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from neva_tools.checkpoint import tp as tp_rules
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWriter, artifact_name, weights_member
-from neva_tools.checkpoint.nemo_tensors import canonical_name, load_arch
+from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.checkpoint.nemo_tensors import load_arch
 from neva_tools.errors import NevaError
 from neva_tools.mappings.projector import table as projector_table
 from neva_tools.model.from_nemo import load_state_into, rank_state_dict
+from neva_tools.model.nemo_writer import canonical_state, save_sharded_nemo
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
 
 
@@ -96,44 +96,16 @@ def _gather_projector(model: Any, projector_type: str) -> dict[str, torch.Tensor
 
 def save_neva_nemo(model: Any, output: str | Path, config: dict[str, Any], *, include_llm: bool,
                    projector_type: str, tokenizer: str | Path | None) -> Path | None:  # fmt: skip
-    """Write the run's NeVA ``.nemo`` (collective: every rank calls it; rank 0 writes the archive)."""
-    from megatron.core import parallel_state
+    """Write the run's NeVA ``.nemo`` (collective: every rank calls it; returns the path on global rank 0)."""
+    projector = _gather_projector(model, projector_type)  # collective over the TP group
 
-    output = Path(output)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    projector = _gather_projector(model, projector_type)
-    parts = output.parent / f".{output.name}.parts"
-    if torch.distributed.get_rank() == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    if dp_rank == 0:
+    def rank_state() -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = dict(projector)
         if include_llm:
-            for key, tensor in model.language_model.state_dict().items():
-                name = canonical_name("model." + key)
-                if name is not None and tensor is not None:
-                    state[name] = tensor.detach().cpu().contiguous()
-        torch.save(state, parts / f"rank{tp_rank:02d}.ckpt")
-    torch.distributed.barrier()
-    written = None
-    if torch.distributed.get_rank() == 0:
-        cfg = {**config, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
-        with NemoWriter(output, overwrite=True) as writer:
-            if tokenizer is not None and Path(tokenizer).is_file():
-                name = artifact_name("tokenizer.model")
-                writer.add_file(name, tokenizer)
-                cfg["tokenizer"] = {**(cfg.get("tokenizer") or {}), "library": "sentencepiece", "model": f"nemo:{name}"}
-            writer.add_bytes(CONFIG_NAME, yaml.safe_dump(cfg, sort_keys=False).encode())
-            for rank in range(tp):
-                writer.add_file(weights_member(rank, tp), parts / f"rank{rank:02d}.ckpt")
-        written = output
-        for file in parts.iterdir():
-            file.unlink()
-        parts.rmdir()
-    torch.distributed.barrier()
-    return written
+            state.update(canonical_state(model.language_model))
+        return state
+
+    return save_sharded_nemo(output, rank_state, config, tokenizer=tokenizer)
 
 
 def scratch_dir() -> Path:

@@ -24,7 +24,7 @@ PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16", "bf16-true"
               "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed"}  # fmt: skip
 
 
-def _precision(value: Any) -> str:
+def trainer_precision(value: Any) -> str:
     import torch
 
     key = str(value)
@@ -59,6 +59,18 @@ def _datasets(cfg: DictConfig) -> list[Any]:
     return parse_dataset_list(str(data.data_path), load_registry(data.registry))
 
 
+def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Keep the merged config as ``run_dir/config.yaml`` (global rank 0; what exports of unfinished runs read)."""
+    from neva_tools.model.parallel import launch_env
+    from neva_tools.utils.atomic import atomic_path
+
+    if launch_env().rank != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        OmegaConf.save(cfg, tmp)
+
+
 def train(cfg: DictConfig) -> Path | None:
     """Run the training job described by ``cfg``; return the final ``.nemo`` (on global rank 0)."""
     if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
@@ -68,18 +80,32 @@ def train(cfg: DictConfig) -> Path | None:
 
     from neva_tools.data.dataset import NevaDataset, PackedNevaDataset, collate
     from neva_tools.data.images import ImageProcessor
-    from neva_tools.mappings.clip import hf_clip_state_to_mcore, mcore_splits, open_clip_state_to_mcore
-    from neva_tools.mappings.clip import transformer_config as vision_transformer_config
+    from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
     from neva_tools.model.neva import NevaParts, build_neva_model, freeze
-    from neva_tools.model.vision import load_mcore_state, read_clip_vision
+    from neva_tools.model.vision import (
+        load_mcore_state,
+        read_clip_vision,
+        vision_splits,
+        vision_state_to_mcore,
+        vision_transformer_config,
+    )
+    from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.tokenizer.text import TextTokenizer
     from neva_tools.train import checkpoint as ckpt
     from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.optim import OptimSettings
     from neva_tools.train.sampler import ResumableSampler
+    from neva_tools.train.validate import advisories, check_config
 
+    for note in advisories(cfg):
+        logger.warning("%s", note)
+    problems = check_config(cfg, offline=False)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise NevaError(f"the config has {len(problems)} problem(s); fix them (neva config validate lists them too):"
+                        f"\n  {listed}")  # fmt: skip
     m = cfg.model
     tp = int(m.tensor_model_parallel_size)
     if int(m.pipeline_model_parallel_size) != 1:
@@ -88,6 +114,7 @@ def train(cfg: DictConfig) -> Path | None:
     if llm_path is None or not Path(llm_path).exists():
         raise NevaError(f"model.mm_cfg.llm.from_pretrained {llm_path!r} is not an existing .nemo")
     run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    save_run_config(cfg, run_dir)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
     tokenizer = (
         Path(m.tokenizer.model) if m.tokenizer.model else neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
@@ -97,16 +124,15 @@ def train(cfg: DictConfig) -> Path | None:
                         f"vocabulary is {vocab}; extend the embedding or use the LLM's tokenizer")  # fmt: skip
     source, pretrained = _vision_source(m.mm_cfg.vision_encoder)
     select = int(m.mm_cfg.vision_encoder.vision_select_layer)
-    state, arch, kind = read_clip_vision(source, pretrained=pretrained)
-    vision_full = (hf_clip_state_to_mcore if kind == "hf" else open_clip_state_to_mcore)(
-        state, arch, select_layer=select
-    )
+    state, arch, kind = read_clip_vision(source, pretrained=pretrained)  # CLIP or SigLIP
+    vision_full = vision_state_to_mcore(state, arch, kind, select_layer=select)
     del state
     image_tokens = (arch.image_size // arch.patch_size) ** 2
     if image_tokens >= int(m.data.max_seq_length):
         raise NevaError(f"an image becomes {image_tokens} tokens, not less than model.data.max_seq_length "
                         f"({m.data.max_seq_length})")  # fmt: skip
-    dataset = NevaDataset(_datasets(cfg), tokenizer, ImageProcessor(arch.image_size, m.data.image_aspect_ratio),
+    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio)
+    dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
                           image_tokens=image_tokens)  # fmt: skip
     if m.data.packing:
@@ -123,8 +149,9 @@ def train(cfg: DictConfig) -> Path | None:
                           vision_transformer_config(arch, tp, select_layer=select), arch.image_size,
                           arch.patch_size, projector)  # fmt: skip
         model = build_neva_model(parts)
+        mask_padded_vocab(model.language_model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
         neva_io.load_llm(model, llm_path, tp, rank)
-        load_mcore_state(model.vision_model, vision_full, mcore_splits(arch, select))
+        load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select))
         if m.mm_cfg.pretrain_mm_mlp_adapter:
             neva_io.load_projector(model, m.mm_cfg.pretrain_mm_mlp_adapter, projector, tp, rank)
         freeze(model, llm=freeze_llm, vision=freeze_vision)
@@ -132,7 +159,7 @@ def train(cfg: DictConfig) -> Path | None:
 
     settings = TrainerSettings(
         max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
-        global_batch_size=int(m.global_batch_size), precision=_precision(cfg.trainer.precision),
+        global_batch_size=int(m.global_batch_size), precision=trainer_precision(cfg.trainer.precision),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
     )  # fmt: skip

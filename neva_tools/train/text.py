@@ -119,11 +119,12 @@ def train_text(cfg: DictConfig) -> Path | None:
     from neva_tools.model import neva_io
     from neva_tools.model.from_nemo import load_gpt_from_nemo
     from neva_tools.model.gpt import gpt_model_kwargs
+    from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.train import checkpoint as ckpt
     from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.optim import OptimSettings
-    from neva_tools.train.run import _precision
+    from neva_tools.train.run import trainer_precision
     from neva_tools.train.sampler import ResumableSampler
     from neva_tools.train.text_validate import text_problems
 
@@ -150,7 +151,7 @@ def train_text(cfg: DictConfig) -> Path | None:
                         f"({positions['max_sequence_length']}, encoder_seq_length of {llm_path})")  # fmt: skip
     settings = TrainerSettings(
         max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
-        global_batch_size=int(m.global_batch_size), precision=_precision(cfg.trainer.precision),
+        global_batch_size=int(m.global_batch_size), precision=trainer_precision(cfg.trainer.precision),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
     )  # fmt: skip
@@ -180,7 +181,9 @@ def train_text(cfg: DictConfig) -> Path | None:
                           num_workers=int(m.data.num_workers), collate_fn=lambda b: collate_text(b, vocab))  # fmt: skip
 
     def build() -> Any:
-        return load_gpt_from_nemo(llm_path)[0]
+        model = load_gpt_from_nemo(llm_path)[0]
+        mask_padded_vocab(model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
+        return model
 
     o = m.optim
     optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))

@@ -1,25 +1,68 @@
 """``neva config validate``: everything about a training config that can be checked without GPUs.
 
-Rules that need no files always run (batch sizes, schedule, names of templates/projectors/precisions,
-data aspect mode); with ``offline=False`` the referenced files are checked too and the LLM ``.nemo``
-is read (TP must divide its heads and query groups; the tokenizer must hold the template's special
-tokens; an image's token count must fit the sequence length). Every problem names the key and values.
+Offline rules read no referenced file: batch sizes (and, given the processes per node, divisibility by
+micro × data-parallel size), schedule, names of templates/projectors/precisions/aspect modes, and the vision
+encoder when it is an open_clip model name (its config ships with open_clip). ``neva train`` runs every rule
+before it starts; :func:`advisories` lists valid but unusual settings (notes, not errors).
+With ``offline=False`` the referenced files are read too: the LLM ``.nemo`` (TP divides its heads, query
+groups and FFN; ``max_seq_length`` fits its ``encoder_seq_length``), the tokenizer (it fits the LLM's
+vocabulary and holds every template's special tokens and EOS), the vision encoder's config (TP divides its
+heads and FFN, ``vision_select_layer`` is in range, an image's tokens fit ``max_seq_length``), the stage-1
+projector (its sizes match both models) and the data (annotation files and image folders exist). Every
+problem names the key and the values involved. ``model.text_pretrain.enabled`` configs get the text rules
+of ``neva_tools.train.text_validate`` instead of the NeVA-only ones.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.data.images import ASPECT_MODES
 from neva_tools.data.templates import TEMPLATE_NAMES
+from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
 from neva_tools.train.run import PRECISIONS
 
 
-def check_config(cfg: DictConfig, *, offline: bool = True) -> list[str]:
-    """All problems found in ``cfg`` (an empty list when it is valid)."""
+def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None = None) -> list[str]:
+    """All problems found in ``cfg`` (an empty list when it is valid).
+
+    ``devices`` is the number of processes per node (``scripts/train.sh N``); with it the global batch is
+    checked against micro batch × data-parallel size, DP = ``devices × trainer.num_nodes / TP``.
+    """
+    from neva_tools.train import validate_files as files
+    from neva_tools.train.text_validate import text_problems
+
+    problems = _general(cfg, devices)
+    if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
+        problems += text_problems(cfg, offline=offline)
+        llm = cfg.model.mm_cfg.llm.from_pretrained
+        if not offline and llm is not None and Path(llm).is_file():  # text_problems reports a missing one
+            problems += files.llm_problems(cfg, templates=[], neva=False)
+        return problems
+    problems += _neva(cfg)
+    arch = None
+    source = cfg.model.mm_cfg.vision_encoder.from_pretrained
+    if offline and source is not None and not Path(str(source)).exists():
+        arch, found = files.vision_arch_problems(str(source))  # an open_clip name: its config ships with open_clip
+        problems += found
+    if not offline:
+        arch, found = files.vision_problems(cfg)
+        uses, found_data = files.data_problems(cfg)
+        problems += found + found_data + files.llm_problems(cfg, templates=files.templates_used(cfg, uses))
+        problems += files.projector_problems(cfg, arch)
+    if arch is not None:
+        problems += _vision_rules(cfg, arch)
+    return problems
+
+
+def _general(cfg: DictConfig, devices: int | None) -> list[str]:
+    """Batch sizes, parallelism, precision and schedule."""
+    from neva_tools.train.fit import TrainerSettings, accumulation
+
     problems: list[str] = []
     m = cfg.model
     tp, pp = int(m.tensor_model_parallel_size), int(m.pipeline_model_parallel_size)
@@ -29,16 +72,18 @@ def check_config(cfg: DictConfig, *, offline: bool = True) -> list[str]:
                         f"global_batch_size {glob}")  # fmt: skip
     elif glob % micro:
         problems.append(f"model.global_batch_size ({glob}) must be a multiple of model.micro_batch_size ({micro})")
+    elif devices is not None:
+        nodes = int(cfg.trainer.num_nodes)
+        world = devices * nodes
+        settings = TrainerSettings(max_steps=1, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   micro_batch_size=micro, global_batch_size=glob, num_nodes=nodes)  # fmt: skip
+        try:
+            accumulation(settings, world)  # the engine's own rule
+        except NevaError as exc:
+            problems.append(f"{exc} (world size {world} = {devices} processes per node × trainer.num_nodes "
+                            f"{nodes}; model.tensor_model_parallel_size {tp})")  # fmt: skip
     if pp != 1:
         problems.append(f"model.pipeline_model_parallel_size ({pp}) must be 1: NeVA training supports TP only")
-    if str(m.data.conv_template) not in TEMPLATE_NAMES:
-        problems.append(f"model.data.conv_template ({m.data.conv_template}) is not one of {', '.join(TEMPLATE_NAMES)}")
-    if str(m.mm_cfg.mm_mlp_adapter_type) not in PROJECTOR_TYPES:
-        problems.append(f"model.mm_cfg.mm_mlp_adapter_type ({m.mm_cfg.mm_mlp_adapter_type}) is not one of "
-                        f"{', '.join(PROJECTOR_TYPES)}")  # fmt: skip
-    if str(m.data.image_aspect_ratio) not in ASPECT_MODES:
-        problems.append(f"model.data.image_aspect_ratio ({m.data.image_aspect_ratio}) is not one of "
-                        f"{', '.join(ASPECT_MODES)}")  # fmt: skip
     if str(cfg.trainer.precision) not in PRECISIONS:
         problems.append(f"trainer.precision ({cfg.trainer.precision}) is not one of {', '.join(PRECISIONS)}")
     steps, sched = int(cfg.trainer.max_steps), m.optim.sched
@@ -47,43 +92,53 @@ def check_config(cfg: DictConfig, *, offline: bool = True) -> list[str]:
                         f"({sched.constant_steps}) exceed trainer.max_steps ({steps})")  # fmt: skip
     if float(sched.min_lr) > float(m.optim.lr):
         problems.append(f"model.optim.sched.min_lr ({sched.min_lr}) is larger than model.optim.lr ({m.optim.lr})")
-    if not m.mm_cfg.llm.freeze and m.mm_cfg.pretrain_mm_mlp_adapter is None:
-        problems.append("stage 2 (model.mm_cfg.llm.freeze: false) without model.mm_cfg.pretrain_mm_mlp_adapter: "
-                        "the projector would start from scratch; point it at the stage-1 .nemo")  # fmt: skip
-    if not offline:
-        problems += _check_files(cfg)
     return problems
 
 
-def _check_files(cfg: DictConfig) -> list[str]:
+def _neva(cfg: DictConfig) -> list[str]:
+    """Names of templates, projector and aspect mode."""
+    m, problems = cfg.model, []
+    if str(m.data.conv_template) not in TEMPLATE_NAMES:
+        problems.append(f"model.data.conv_template ({m.data.conv_template}) is not one of {', '.join(TEMPLATE_NAMES)}")
+    if str(m.mm_cfg.mm_mlp_adapter_type) not in PROJECTOR_TYPES:
+        problems.append(f"model.mm_cfg.mm_mlp_adapter_type ({m.mm_cfg.mm_mlp_adapter_type}) is not one of "
+                        f"{', '.join(PROJECTOR_TYPES)}")  # fmt: skip
+    if str(m.data.image_aspect_ratio) not in ASPECT_MODES:
+        problems.append(f"model.data.image_aspect_ratio ({m.data.image_aspect_ratio}) is not one of "
+                        f"{', '.join(ASPECT_MODES)}")  # fmt: skip
+    return problems
+
+
+def advisories(cfg: DictConfig) -> list[str]:
+    """Settings that are valid but usually a mistake (``neva config validate`` prints them as notes)."""
+    m, notes = cfg.model, []
+    if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
+        return notes
+    if not m.mm_cfg.llm.freeze and m.mm_cfg.pretrain_mm_mlp_adapter is None:
+        notes.append("stage 2 (model.mm_cfg.llm.freeze: false) without model.mm_cfg.pretrain_mm_mlp_adapter: "
+                     "the projector starts from scratch (single-stage training); for LLaVA's stage 2 point it at "
+                     "the stage-1 .nemo")  # fmt: skip
+    return notes
+
+
+def _vision_rules(cfg: DictConfig, arch: Any) -> list[str]:
+    """TP divides the vision heads and FFN; the selected layer exists; an image fits the sequence."""
     from neva_tools.checkpoint import tp as tp_rules
-    from neva_tools.data.templates import required_special_tokens
-    from neva_tools.errors import NevaError
-    from neva_tools.model import neva_io
-    from neva_tools.tokenizer.text import TextTokenizer
 
     m, problems = cfg.model, []
-    for key, value in (("model.mm_cfg.llm.from_pretrained", m.mm_cfg.llm.from_pretrained),
-                       ("model.mm_cfg.vision_encoder.from_pretrained", m.mm_cfg.vision_encoder.from_pretrained),
-                       ("model.data.data_path", m.data.data_path)):  # fmt: skip
-        if value is None:
-            problems.append(f"{key} is not set")
-    llm = m.mm_cfg.llm.from_pretrained
-    if llm is not None and not Path(llm).is_file():
-        return [*problems, f"model.mm_cfg.llm.from_pretrained ({llm}) does not exist"]
-    if llm is None:
-        return problems
-    cfg_llm, _ = neva_io.llm_config(llm)
+    tp = int(m.tensor_model_parallel_size)
     try:
-        heads = int(cfg_llm["num_attention_heads"])
-        groups = int(cfg_llm.get("num_query_groups") or heads)
-        tp_rules.check_divisible(int(m.tensor_model_parallel_size), num_attention_heads=heads, num_query_groups=groups)
+        tp_rules.check_divisible(tp, **{"the vision num_attention_heads": arch.num_heads,
+                                        "the vision ffn_hidden_size": arch.ffn_hidden_size})  # fmt: skip
     except NevaError as exc:
         problems.append(str(exc))
-    tokenizer = m.tokenizer.model or neva_io.extract_tokenizer(llm, neva_io.scratch_dir())
-    tok = TextTokenizer(tokenizer)
-    missing = [t for t in required_special_tokens(str(m.data.conv_template)) if tok.token_id(t) is None]
-    if missing:
-        problems.append(f"tokenizer {tokenizer} lacks {missing} needed by template {m.data.conv_template}; add them "
-                        "with neva tokenizer add-tokens")  # fmt: skip
+    select = int(m.mm_cfg.vision_encoder.vision_select_layer)
+    try:
+        arch.kept_layers(select)
+    except NevaError as exc:
+        problems.append(f"model.mm_cfg.vision_encoder.vision_select_layer: {exc}")
+    seq = int(m.data.max_seq_length)
+    if arch.num_patches >= seq:
+        problems.append(f"an image becomes {arch.num_patches} tokens ((image_size {arch.image_size} / patch "
+                        f"{arch.patch_size})²), not less than model.data.max_seq_length ({seq})")  # fmt: skip
     return problems

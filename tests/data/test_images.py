@@ -15,8 +15,9 @@ from neva_tools.errors import NevaError
 def test_token_counts() -> None:
     assert image_token_count(224, 14) == 256 and image_token_count(336, 14) == 576
     assert image_token_count(336, 14, class_token=True) == 577
-    with pytest.raises(NevaError, match=r"image size \(225\) must be a multiple of the patch size \(14\)"):
-        image_token_count(225, 14)
+    assert image_token_count(384, 14) == 729  # SigLIP so400m: the convolution drops the last 6 pixels
+    with pytest.raises(NevaError, match=r"image size \(10\) must be at least the patch size \(14\)"):
+        image_token_count(10, 14)
 
 
 def test_square_resize_and_normalisation(tmp_path: Path) -> None:

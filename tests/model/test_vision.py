@@ -168,8 +168,8 @@ def test_bad_sources(tmp_path: Path, checkpoints: dict) -> None:
         read_clip_vision("hf-hub:timm/ViT-B-16-SigLIP")
     with pytest.raises(NevaError, match="not a Hugging Face CLIP directory"):
         read_clip_vision(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model"}))
-    with pytest.raises(NevaError, match="not a CLIP vision model"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2"}))  # SigLIP: tests/mappings/test_siglip.py
+    with pytest.raises(NevaError, match="'dinov2' is not a CLIP or SigLIP vision model"):
         read_clip_vision(tmp_path)
     with pytest.raises(NevaError, match="do not pass pretrained"):
         read_clip_vision(checkpoints["open_clip"], pretrained=checkpoints["open_clip_ckpt"])

@@ -14,9 +14,11 @@ from dist_helpers import run_distributed
 
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
+from neva_tools.convert.nemo_to_hf import convert_nemo_to_hf
 from neva_tools.data import synthetic
 from neva_tools.mappings.projector import NEMO_PREFIX
 from neva_tools.tokenizer.train import train_sentencepiece
+from neva_tools.train.config import load_config
 
 
 def train_job(rank: int, world_size: int, overrides: list[str]) -> str | None:
@@ -96,6 +98,10 @@ def test_stage1_tp2_then_stage2(assets: dict[str, Any]) -> None:
     with NemoArchive(out2) as archive:
         state = archive.load_legacy()
     assert "model.decoder.layers.1.mlp.linear_fc2.weight" in state and NEMO_PREFIX + "2.bias" in state
+    summary = convert_nemo_to_hf(out2, assets["root"] / "stage2_hf")  # the stored tokenizer section is consistent
+    assert (assets["root"] / "stage2_hf" / "config.json").is_file() and summary is not None
+    saved = load_config(assets["root"] / "runs" / "stage2" / "config.yaml", [])
+    assert saved.name == "stage2" and saved.model.mm_cfg.pretrain_mm_mlp_adapter == out
 
 
 def test_tiny_neva_learns_synthetic_captions(assets: dict[str, Any]) -> None:
@@ -115,7 +121,7 @@ def test_tiny_neva_learns_synthetic_captions(assets: dict[str, Any]) -> None:
 
 
 def test_packed_finetuning_with_text_only_records_at_tp2(assets: dict[str, Any]) -> None:
-    """``model.data.packing=true`` on a mix of image records and text-only records, two TP ranks."""
+    """``model.data.packing=true`` on a mix of image records and text-only records (batches of either), two TP ranks."""
     import json
 
     records = json.loads(Path(assets["data"]["finetune"]).read_text())[:8]
@@ -127,7 +133,7 @@ def test_packed_finetuning_with_text_only_records_at_tp2(assets: dict[str, Any])
     job = [
         *_common(assets, "packed"),
         f"model.data.data_path={mixed}", "model.mm_cfg.llm.model_type=vicuna_v1", "model.data.packing=true",
-        "model.mm_cfg.llm.freeze=false", "trainer.max_steps=3", "model.optim.lr=1e-4", "model.data.max_seq_length=256",
+        "trainer.max_steps=3", "model.optim.lr=1e-4", "model.data.max_seq_length=256",
         "model.tensor_model_parallel_size=2", "exp_manager.checkpoint_every_n_steps=0",
     ]  # fmt: skip
     out = run_distributed(train_job, 2, job, timeout=600)[0]

@@ -1,0 +1,1 @@
+"""Whole NeVA models out to and in from Hugging Face ``LlavaForConditionalGeneration`` directories."""

@@ -1,0 +1,1 @@
+"""Inference with trained NeVA models: loading a ``.nemo``, KV-cached generation, scoring and evaluation."""

@@ -1,0 +1,177 @@
+"""A trained NeVA ``.nemo`` as a megatron-core ``LLaVAModel`` ready for inference at the running TP.
+
+What ``neva train`` writes (``neva_tools.model.neva_io.save_neva_nemo``): the projector (always), the LLM (when it
+was trained, stage 2), the tokenizer and the run's config (the LLM's keys plus ``mm_cfg``, ``data`` and ``vision``).
+The frozen parts come from where the config says: the LLM from ``mm_cfg.llm.from_pretrained`` when the archive
+holds none (stage 1), the vision encoder from ``mm_cfg.vision_encoder.from_pretrained`` (or ``vision=``), read with
+``neva_tools.model.vision.read_clip_vision`` (open_clip or Hugging Face, CLIP or SigLIP) and converted exactly as
+``neva train`` does. Any saved TP loads at any running TP.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.checkpoint.nemo_tensors import canonical_name, model_config
+from neva_tools.data.images import ImageProcessor
+from neva_tools.data.templates import get_template
+from neva_tools.errors import NevaError
+from neva_tools.tokenizer.text import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+_LLM_PROBE = "model.embedding.word_embeddings.weight"  # present iff the archive stores the LLM
+
+
+@dataclass
+class LoadedNeva:
+    """A NeVA model in eval mode with everything needed to prompt it."""
+
+    model: Any  # megatron-core LLaVAModel (this TP rank's shard)
+    tokenizer: TextTokenizer
+    template: str  # conversation template name (neva_tools.data.templates)
+    image_processor: ImageProcessor
+    vocab_size: int  # true vocabulary (the model's is padded)
+    max_sequence_length: int  # the LLM's context, image embeddings included
+    source: Path
+
+
+def neva_config(nemo: str | Path) -> dict[str, Any]:
+    """The model config of a NeVA ``.nemo``; an archive without ``mm_cfg`` (a plain LLM) is an error."""
+    with NemoArchive(nemo) as archive:
+        cfg = model_config(archive)
+    if not isinstance(cfg.get("mm_cfg"), dict):
+        raise NevaError(f"{nemo} is not a NeVA .nemo (its model_config.yaml has no mm_cfg section); pass the .nemo "
+                        "written by `neva train`")  # fmt: skip
+    return cfg
+
+
+def stores_llm(nemo: str | Path) -> bool:
+    """True when the archive holds the LLM weights (stage 2), False when only the projector (frozen LLM)."""
+    with NemoArchive(nemo) as archive:
+        if archive.layout != "legacy":
+            return True  # dist archives are LLM checkpoints
+        names = archive.lazy_legacy(0, 0).keys()
+        return any(canonical_name(n) == _LLM_PROBE for n in names)
+
+
+def vision_source(cfg: dict[str, Any], override: str | Path | None, nemo: str | Path) -> tuple[str, str | None]:
+    """(source, pretrained) of the vision encoder: ``override`` or ``mm_cfg.vision_encoder.from_pretrained``.
+
+    ``name:checkpoint`` (an open_clip model name and a local file) is split as ``neva train`` does.
+    """
+    source = override if override is not None else (cfg["mm_cfg"].get("vision_encoder") or {}).get("from_pretrained")
+    if not source:
+        raise NevaError(f"{nemo}: mm_cfg.vision_encoder.from_pretrained is not set; pass --vision CLIP_DIR")
+    if Path(source).exists() or ":" not in str(source):
+        if not Path(source).exists():
+            raise NevaError(f"vision encoder {source} (from {'--vision' if override else nemo}) does not exist; "
+                            "pass --vision with the CLIP the model was trained with")  # fmt: skip
+        return str(source), None
+    name, checkpoint = str(source).split(":", 1)
+    return name, checkpoint
+
+
+def template_name(cfg: dict[str, Any], override: str | None) -> str:
+    """The conversation template: ``override``, else ``data.conv_template``, else ``mm_cfg.llm.model_type``."""
+    if override is not None:
+        return get_template(override).name
+    candidates = [(cfg.get("data") or {}).get("conv_template"), (cfg["mm_cfg"].get("llm") or {}).get("model_type")]
+    for name in candidates:
+        if isinstance(name, str) and not name.startswith("${"):  # an unresolved interpolation falls through
+            return get_template(name).name
+    raise NevaError("the .nemo names no conversation template (data.conv_template, mm_cfg.llm.model_type); "
+                    "pass --template")  # fmt: skip
+
+
+def _llm_source(nemo: Path, cfg: dict[str, Any], override: str | Path | None) -> Path:
+    if override is not None:
+        return Path(override)
+    if stores_llm(nemo):
+        return nemo
+    base = (cfg["mm_cfg"].get("llm") or {}).get("from_pretrained")
+    if not base or not Path(base).exists():
+        raise NevaError(f"{nemo} holds no LLM weights (it was trained with a frozen LLM) and its "
+                        f"mm_cfg.llm.from_pretrained {base!r} does not exist; pass --llm LLM.nemo")  # fmt: skip
+    return Path(base)
+
+
+def load_neva(
+    nemo: str | Path,
+    *,
+    vision: str | Path | None = None,
+    llm: str | Path | None = None,
+    template: str | None = None,
+) -> LoadedNeva:
+    """Build the NeVA model of ``nemo`` for this TP rank and load every weight (collective under TP).
+
+    Needs megatron's parallel state (``neva_tools.model.parallel.init_distributed``). ``vision`` overrides the
+    stored CLIP location, ``llm`` the LLM weights (default: the archive's, else ``mm_cfg.llm.from_pretrained``).
+    """
+    from megatron.core import parallel_state
+
+    from neva_tools.mappings.siglip import vision_model_type
+    from neva_tools.model import neva_io
+    from neva_tools.model.neva import NevaParts, build_neva_model
+    from neva_tools.model.vision import (
+        load_mcore_state,
+        read_clip_vision,
+        vision_splits,
+        vision_state_to_mcore,
+        vision_transformer_config,
+    )
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise NevaError("megatron parallel state is not initialized; call neva_tools.model.parallel.init_distributed()")
+    nemo = Path(nemo)
+    cfg = neva_config(nemo)
+    template_used = template_name(cfg, template)  # fail before any weights are read
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    mm = cfg["mm_cfg"]
+    projector = str(mm.get("mm_mlp_adapter_type") or "mlp2x_gelu")
+    select = int((mm.get("vision_encoder") or {}).get("vision_select_layer", -2))
+    source, pretrained = vision_source(cfg, vision, nemo)
+    state, arch, kind = read_clip_vision(source, pretrained=pretrained)
+    stored = cfg.get("vision") or {}
+    trained = (stored.get("image_size", arch.image_size), stored.get("patch_size", arch.patch_size))
+    if trained != (arch.image_size, arch.patch_size):
+        raise NevaError(f"vision encoder {source} takes {arch.image_size}px images in {arch.patch_size}px patches but "
+                        f"{nemo} was trained with {trained[0]}px / {trained[1]}px; pass "
+                        "--vision with the CLIP it was trained with")  # fmt: skip
+    vision_full = vision_state_to_mcore(state, arch, kind, select_layer=select)  # CLIP or SigLIP, as in training
+    del state
+    llm_path = _llm_source(nemo, cfg, llm)
+    llm_cfg, vocab = neva_io.llm_config(llm_path)
+    parts = NevaParts({**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
+                      neva_io.llm_padded_vocab(llm_cfg, vocab, tp),
+                      vision_transformer_config(arch, tp, select_layer=select),
+                      arch.image_size, arch.patch_size, projector)  # fmt: skip
+    model = build_neva_model(parts)
+    neva_io.load_llm(model, llm_path, tp, rank)
+    neva_io.load_projector(model, nemo, projector, tp, rank)
+    load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = TextTokenizer(neva_io.extract_tokenizer(nemo, neva_io.scratch_dir()))
+    if tokenizer.vocab_size > vocab:
+        raise NevaError(f"the tokenizer stored in {nemo} has {tokenizer.vocab_size} tokens but the LLM "
+                        f"({llm_path}) only {vocab}")  # fmt: skip
+    aspect = str((cfg.get("data") or {}).get("image_aspect_ratio") or "pad")
+    logger.info("loaded %s (LLM from %s, vision %s) at TP=%d", nemo, llm_path, source, tp)
+    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, aspect)
+    return LoadedNeva(model, tokenizer, template_used, processor, vocab, int(model.language_model.max_sequence_length),
+                      nemo)  # fmt: skip
+
+
+def load_images(paths: list[str | Path], processor: ImageProcessor) -> torch.Tensor:
+    """Images ``[n, 3, H, W]`` (``n`` may be 0) for the model; unreadable files raise ``NevaError``."""
+    size = processor.image_size
+    return torch.stack([processor(p) for p in paths]) if paths else torch.empty(0, 3, size, size)
