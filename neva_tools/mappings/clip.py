@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -311,16 +311,27 @@ def mcore_shapes(arch: ClipVisionArch, select_layer: int = -2) -> dict[str, tupl
     return shapes
 
 
-def _convert(
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def convert_to_mcore(
     state: Mapping[str, torch.Tensor],
     arch: ClipVisionArch,
     table: tuple[Entry, ...],
     ignored: tuple[str, ...],
     select_layer: int,
     kind: str,
+    *,
+    family: str = "CLIP",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The conversion both formats share: check the key sets, build each tensor, check its shape."""
-    known = {s for name, sources, _ in entries(table, arch, -1) for s in sources}
+    """The conversion every ViT family shares: check the key sets, build each tensor, check its shape.
+
+    ``shapes`` are the family's full megatron-core shapes (default: CLIP's); a source tensor that differs from its
+    target only by size-1 dimensions (a flat class token, timm's ``[1, patches, h]`` positions) is reshaped.
+    """
+    known = {s for _, sources, _ in entries(table, arch, -1) for s in sources}
     missing = sorted(known - set(state))
     unknown = sorted(k for k in state if k not in known and not k.startswith(ignored))
     if missing or unknown:
@@ -329,8 +340,8 @@ def _convert(
             for what, names in (("missing", missing), ("unknown", unknown))
             if names
         )
-        raise NevaError(f"the {kind} vision checkpoint does not match a {arch.num_layers}-layer CLIP ViT ({found})")
-    expected = mcore_shapes(arch, select_layer)
+        raise NevaError(f"the {kind} vision checkpoint does not match a {arch.num_layers}-layer {family} ViT ({found})")
+    expected = shapes if shapes is not None else mcore_shapes(arch, select_layer)
     out: dict[str, torch.Tensor] = {}
     for name, sources, split in entries(table, arch, select_layer):
         tensors = [state[s] for s in sources]
@@ -339,8 +350,8 @@ def _convert(
             tensor = fuse_qkv(q, k, v, num_heads=arch.num_heads, num_groups=arch.num_heads)
         else:
             tensor = tensors[0]
-        if name == "class_token" and tensor.numel() == arch.hidden_size:
-            tensor = tensor.reshape(1, 1, -1)
+        if tuple(tensor.shape) != expected[name] and _squeezed(tensor.shape) == _squeezed(expected[name]):
+            tensor = tensor.reshape(expected[name])
         if tuple(tensor.shape) != expected[name]:
             raise NevaError(f"{kind} tensor {', '.join(sources)} has shape {tuple(tensors[0].shape)}; "
                             f"expected {expected[name]} for {name} ({arch})")  # fmt: skip
@@ -357,7 +368,7 @@ def open_clip_state_to_mcore(
     """
     if any(k.startswith("visual.") for k in state_dict):
         state_dict = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
-    return _convert(state_dict, arch, OPEN_CLIP_TABLE, OPEN_CLIP_IGNORED, select_layer, "open_clip")
+    return convert_to_mcore(state_dict, arch, OPEN_CLIP_TABLE, OPEN_CLIP_IGNORED, select_layer, "open_clip")
 
 
 def hf_clip_state_to_mcore(
@@ -370,7 +381,7 @@ def hf_clip_state_to_mcore(
         if name in state:
             raise NevaError(f"HF tensor {name} appears both with and without the {HF_PREFIX!r} prefix")
         state[name] = value
-    return _convert(state, arch, HF_TABLE, HF_IGNORED, select_layer, "Hugging Face")
+    return convert_to_mcore(state, arch, HF_TABLE, HF_IGNORED, select_layer, "Hugging Face")
 
 
 def mcore_state_to_hf_clip(
@@ -382,14 +393,27 @@ def mcore_state_to_hf_clip(
     ``state`` must hold exactly those tensors (a ``vision_model.`` / :data:`LLAVA_PREFIX` prefix is accepted);
     missing or unknown names raise ``NevaError``.
     """
+    return convert_to_hf(state, arch, HF_TABLE, select_layer)
+
+
+def convert_to_hf(
+    state: Mapping[str, torch.Tensor],
+    arch: ClipVisionArch,
+    table: tuple[Entry, ...],
+    select_layer: int,
+    *,
+    family: str = "CLIP",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """HF tensors from full megatron-core ViT tensors through ``table`` (the inverse of :func:`convert_to_mcore`)."""
     state = {k.removeprefix(LLAVA_PREFIX): v for k, v in state.items()}
-    expected = mcore_shapes(arch, select_layer)
+    expected = shapes if shapes is not None else mcore_shapes(arch, select_layer)
     missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unknown:
-        raise NevaError(f"the megatron-core vision tensors do not match a {arch.kept_layers(select_layer)}-layer CLIP "
-                        f"ViT: missing {missing[:20]}, unknown {unknown[:20]}")  # fmt: skip
+        raise NevaError(f"the megatron-core vision tensors do not match a {arch.kept_layers(select_layer)}-layer "
+                        f"{family} ViT: missing {missing[:20]}, unknown {unknown[:20]}")  # fmt: skip
     out: dict[str, torch.Tensor] = {}
-    for name, hf_names, split in entries(HF_TABLE, arch, select_layer):
+    for name, hf_names, split in entries(table, arch, select_layer):
         tensor = state[name]
         if tuple(tensor.shape) != expected[name]:
             raise NevaError(f"megatron-core vision tensor {name} has shape {tuple(tensor.shape)}, expected "

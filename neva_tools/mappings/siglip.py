@@ -33,7 +33,6 @@ from neva_tools.errors import NevaError
 from neva_tools.mappings import clip
 from neva_tools.mappings.base import Entry, Split
 from neva_tools.mappings.clip import ACTIVATIONS, HF_ACTIVATIONS, ClipVisionArch, entries
-from neva_tools.mappings.transforms import fuse_qkv, unfuse_qkv
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
@@ -269,41 +268,10 @@ def mcore_splits(arch: SiglipVisionArch, select_layer: int = -2) -> dict[str, Sp
     return {name: split for name, _, split in entries(HF_TABLE, arch, select_layer)}
 
 
-def _convert(
-    state: Mapping[str, torch.Tensor],
-    arch: SiglipVisionArch,
-    table: tuple[Entry, ...],
-    ignored: tuple[str, ...],
-    select_layer: int,
-    kind: str,
-) -> dict[str, torch.Tensor]:
-    """Check the key sets against all layers of ``arch``, build each kept tensor, check its shape."""
-    known = {s for _, sources, _ in entries(table, arch, -1) for s in sources}
-    missing = sorted(known - set(state))
-    unknown = sorted(k for k in state if k not in known and not k.startswith(ignored))
-    if missing or unknown:
-        found = "; ".join(
-            f"{what}: {', '.join(names[:20])}{' …' if len(names) > 20 else ''}"
-            for what, names in (("missing", missing), ("unknown", unknown))
-            if names
-        )
-        raise NevaError(f"the {kind} vision checkpoint does not match a {arch.num_layers}-layer SigLIP ViT ({found})")
-    expected = mcore_shapes(arch, select_layer)
-    out: dict[str, torch.Tensor] = {}
-    for name, sources, split in entries(table, arch, select_layer):
-        tensors = [state[s] for s in sources]
-        if split is Split.QKV:
-            q, k, v = torch.chunk(tensors[0], 3, dim=0) if len(tensors) == 1 else tensors
-            tensor = fuse_qkv(q, k, v, num_heads=arch.num_heads, num_groups=arch.num_heads)
-        else:
-            tensor = tensors[0]
-        if name == "position_embeddings.weight" and tensor.dim() == 3 and tensor.shape[0] == 1:
-            tensor = tensor[0]  # timm's [1, patches, h]
-        if tuple(tensor.shape) != expected[name]:
-            raise NevaError(f"{kind} tensor {', '.join(sources)} has shape {tuple(tensors[0].shape)}; "
-                            f"expected {expected[name]} for {name} ({arch})")  # fmt: skip
-        out[name] = tensor.contiguous()
-    return out
+def _convert(state: Mapping[str, torch.Tensor], arch: SiglipVisionArch, table: tuple[Entry, ...],
+             ignored: tuple[str, ...], select_layer: int, kind: str) -> dict[str, torch.Tensor]:  # fmt: skip
+    return clip.convert_to_mcore(state, arch, table, ignored, select_layer, kind, family="SigLIP",
+                                 shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
 def hf_siglip_state_to_mcore(
@@ -342,21 +310,8 @@ def mcore_state_to_hf_siglip(
     The inverse of :func:`hf_siglip_state_to_mcore` for the layers kept for ``select_layer`` (-1: all layers); the
     unused ``post_layernorm`` and ``head`` are not produced. Missing or unknown names raise ``NevaError``.
     """
-    state = {k.removeprefix(clip.LLAVA_PREFIX): v for k, v in state.items()}
-    expected = mcore_shapes(arch, select_layer)
-    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unknown:
-        raise NevaError(f"the megatron-core vision tensors do not match a {arch.kept_layers(select_layer)}-layer "
-                        f"SigLIP ViT: missing {missing[:20]}, unknown {unknown[:20]}")  # fmt: skip
-    out: dict[str, torch.Tensor] = {}
-    for name, hf_names, split in entries(HF_TABLE, arch, select_layer):
-        tensor = state[name]
-        if tuple(tensor.shape) != expected[name]:
-            raise NevaError(f"megatron-core vision tensor {name} has shape {tuple(tensor.shape)}, expected "
-                            f"{expected[name]} ({arch})")  # fmt: skip
-        parts = unfuse_qkv(tensor, arch.num_heads, arch.num_heads) if split is Split.QKV else (tensor,)
-        out.update({n: p.contiguous() for n, p in zip(hf_names, parts, strict=True)})
-    return out
+    return clip.convert_to_hf(state, arch, HF_TABLE, select_layer, family="SigLIP",
+                              shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
 def transformer_config(
