@@ -2,6 +2,9 @@
 
 The benchmark processes import nothing heavy themselves (Linux carries ``ru_maxrss`` over fork and
 exec, so a large parent would inflate its children's peak-memory figures): generation runs in a child.
+Comparisons with ``cp`` are fair: the steps run interleaved, in a rotating order, several times, each
+from the same page-cache state (the inputs read into it, or with ``--cold`` evicted from it), and
+the medians are reported next to every sample.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SHAPES = dict(hidden=2048, ffn=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
@@ -108,3 +113,34 @@ def copy_seconds(sources: Path | list[Path], dest: Path, durable: bool = False) 
     finally:
         shutil.rmtree(dest)
     return seconds
+
+
+def prepare_cache(inputs: list[Path], cold: bool) -> None:
+    """Flush dirty pages, then read ``inputs`` into the page cache (warm) or evict them from it (cold).
+
+    Cold evicts only the inputs (``posix_fadvise(DONTNEED)``): the data is read from disk, while the
+    interpreter and torch's libraries stay cached, as for a user who has run any Python tool before.
+    """
+    os.sync()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as fh:
+            if cold:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while fh.read(16 << 20):
+                    pass
+
+
+def side_by_side(runs: int, steps: dict[str, Callable[[], float]], inputs: list[Path], cold: bool) -> dict:
+    """Wall seconds of each step, ``runs`` times, interleaved in a rotating order, each from a prepared cache."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for run in range(runs):
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+            prepare_cache(inputs, cold)
+            samples[name].append(round(steps[name](), 3))
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)

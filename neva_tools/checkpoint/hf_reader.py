@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,10 @@ from neva_tools.errors import NevaError
 logger = logging.getLogger(__name__)
 
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def resolve_hf_input(name_or_path: str, revision: str | None = None) -> Path:
@@ -55,6 +60,7 @@ class HFCheckpoint:
         self._files = self._weight_files()
         self._handles: dict[Path, Any] = {}
         self._meta: dict[str, tuple[Path, tuple[int, ...], torch.dtype | str]] = {}
+        self._offsets: dict[str, int] = {}
         for file in sorted(set(self._files.values())):
             self._index(file)
         missing = sorted(n for n in self._files if n not in self._meta)
@@ -88,6 +94,7 @@ class HFCheckpoint:
                         self._meta[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
             except SafetensorError as exc:
                 raise NevaError(f"{file} is not a readable safetensors file ({exc}); re-download it") from None
+            self._offsets.update(_safetensors_offsets(file))
         else:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -107,6 +114,16 @@ class HFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor ``name`` without reading it."""
         return self._meta[name][1]
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype of tensor ``name`` (None for a safetensors dtype torch has no name for here)."""
+        dtype = self._meta[name][2]
+        return dtype if isinstance(dtype, torch.dtype) else _SAFETENSORS_DTYPES.get(dtype)
+
+    def location(self, name: str) -> tuple[str, int] | None:
+        """(file, byte offset) of tensor ``name``'s bytes for a direct copy (safetensors files), else None."""
+        offset = self._offsets.get(name)
+        return None if offset is None or self.dtype(name) is None else (str(self._meta[name][0]), offset)
 
     def nbytes(self) -> int:
         """Bytes of all weight files (what a plain copy would move)."""
@@ -139,3 +156,11 @@ class HFCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _safetensors_offsets(file: Path) -> dict[str, int]:
+    """Byte offset of every tensor's data in a safetensors file (its header, already validated by ``safe_open``)."""
+    with open(file, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return {name: 8 + length + info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}

@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -48,18 +48,37 @@ def artifact_name(basename: str) -> str:
 
 
 class _CountingWriter(io.RawIOBase):
-    """A write-only file object that forwards to the archive and counts bytes."""
+    """A write-only file object that forwards to the archive and counts bytes.
+
+    Forward seeks (``torch.save`` under ``skip_data`` seeks over the tensor bytes it leaves out) are
+    passed on too, so the member may hold holes that are filled in later by offset.
+    """
 
     def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
+        self._start = fh.tell()
         self.count = 0
 
     def writable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._fh.tell() - self._start
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = {0: pos, 1: self.tell() + pos, 2: self.count + pos}[whence]
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        self._fh.seek(self._start + target)
+        self.count = max(self.count, target)
+        return target
+
     def write(self, data: Any) -> int:
         n = self._fh.write(data)
-        self.count += n
+        self.count = max(self.count, self.tell())
         return n
 
 
@@ -111,10 +130,13 @@ class NemoWriter:
         self._atomic = atomic_path(self.path, overwrite=overwrite)
         self._fh: IO[bytes] | None = None
         self._dirs: set[str] = set()
+        self.tmp_path: Path | None = None
+        #: member name → (offset of its first data byte in the archive file, size)
+        self.members: dict[str, tuple[int, int]] = {}
 
     def __enter__(self) -> NemoWriter:
-        tmp = self._atomic.__enter__()
-        self._fh = open(tmp, "wb")
+        self.tmp_path = self._atomic.__enter__()
+        self._fh = open(self.tmp_path, "wb")
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
@@ -153,6 +175,8 @@ class NemoWriter:
         writer = _CountingWriter(self._fh)
         yield writer  # type: ignore[misc]
         size = writer.count
+        self.members[name] = (writer._start, size)
+        self._fh.seek(writer._start + size)
         self._fh.write(b"\0" * (-size % _BLOCK))
         end = self._fh.tell()
         header = self._header(name, size)
@@ -186,6 +210,42 @@ class NemoWriter:
         """``torch.save`` an object straight into the archive."""
         with self.stream(name) as fh:
             torch.save(obj, fh)
+
+    def add_torch_skeleton(self, name: str, specs: Mapping[str, tuple[Sequence[int], torch.dtype]]) -> dict[str, int]:
+        """Add a ``torch.save``d dict of tensors with the given (shape, dtype) whose bytes are left as holes.
+
+        Returns each tensor's byte offset in the archive file; write the bytes there (``fileno``) before the
+        archive is closed. The result loads with ``torch.load`` like any state dict; the zip CRC of the
+        tensor records is 0, as ``torch.save`` writes it under ``skip_data`` or ``set_crc32_options(False)``.
+        The stand-in tensors are allocated but never touched, so they take address space, not memory.
+        """
+        deterministic = torch.utils.deterministic
+        fill, deterministic.fill_uninitialized_memory = deterministic.fill_uninitialized_memory, False
+        try:
+            blank = {key: torch.empty(tuple(shape), dtype=dtype) for key, (shape, dtype) in specs.items()}
+        finally:
+            deterministic.fill_uninitialized_memory = fill
+        with self.stream(name) as fh, torch.serialization.skip_data():
+            torch.save(blank, fh)
+        del blank
+        assert self._fh is not None and self.tmp_path is not None
+        self._fh.flush()
+        start, size = self.members[name]
+        reader = io.BufferedReader(_MemberReader(self.tmp_path, start, size), 1 << 16)
+        try:
+            lazy = LazyStateDict(reader, name=f"{self.path}:{name}", origin=(str(self.tmp_path), start))
+            located = {key: lazy.locate(key) for key in specs}
+        finally:
+            reader.close()
+        offsets = {key: where[1] for key, where in located.items() if where is not None}
+        assert len(offsets) == len(specs), f"torch.save did not store every tensor of {name} contiguously"
+        return offsets
+
+    def fileno(self) -> int:
+        """The archive file's descriptor, for writing into holes by offset (buffered writes flushed first)."""
+        assert self._fh is not None, "use NemoWriter as a context manager"
+        self._fh.flush()
+        return self._fh.fileno()
 
 
 _RANK_RE = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/" + re.escape(WEIGHTS_NAME) + "$")
@@ -318,17 +378,20 @@ class NemoArchive:
         """One rank's legacy weights as a ``LazyStateDict``: tensors are read one at a time, on access."""
         tp, pp = self.legacy_ranks()
         name = weights_member(tp_rank, tp, pp_rank, pp)
+        origin = None
         if self._tar is None:
             fh: IO[bytes] = open(self.path / name, "rb")  # noqa: SIM115 - closed by close()
+            origin = (str(self.path / name), 0)
         elif not self._compressed:
             info = self._members[name]
             fh = io.BufferedReader(_MemberReader(self.path, info.offset_data, info.size), 1 << 16)
+            origin = (str(self.path), info.offset_data)
         else:
             extracted = self._tar.extractfile(self._members[name])
             assert extracted is not None
             fh = extracted
         self._open_files.append(fh)
-        return LazyStateDict(fh, name=f"{self.path}:{name}")
+        return LazyStateDict(fh, name=f"{self.path}:{name}", origin=origin)
 
     def other_members(self) -> list[str]:
         """Members that are neither the config nor weights (tokenizer and other artifacts)."""

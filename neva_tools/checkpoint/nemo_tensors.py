@@ -21,6 +21,7 @@ import torch
 from neva_tools.checkpoint import dist
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
+from neva_tools.checkpoint.parts import Stored
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
@@ -141,6 +142,13 @@ class NemoTensors:
             elif split is not Split.REPLICATED and not (split is Split.ROW and len(shape) == 1):
                 shape = (shape[0] * n, *shape[1:])
         return (self.arch.vocab_size, *shape[1:]) if split is Split.VOCAB else shape
+
+    def stored(self, name: str) -> list[Stored]:
+        """The stored pieces of ``name`` (one per source TP rank; the full tensor for dist archives)."""
+        if self._full is not None:
+            tensor = self._full[name]
+            return [Stored(None, tuple(tensor.shape), tensor.dtype)]
+        return [Stored(shard.locate(key), shard.shape(key), shard.dtype(key)) for shard, key in self._where[name]]
 
     def part(self, name: str, tp: int, rank: int, padded: int) -> torch.Tensor:
         """Target TP ``rank``'s part of ``name``; from a one-rank legacy source only that part's rows are read."""

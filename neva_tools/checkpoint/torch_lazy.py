@@ -159,12 +159,18 @@ class LazyStateDict(Mapping[str, Any]):
     """A ``torch.save``d dict whose tensors are read from the file one at a time, on ``d[key]``.
 
     ``source`` is a path (opened and closed by this object) or a seekable binary file object (left open,
-    e.g. ``TarFile.extractfile`` of a ``.nemo`` member); ``name`` is shown in errors.
+    e.g. ``TarFile.extractfile`` of a ``.nemo`` member); ``name`` is shown in errors. ``origin`` says where
+    byte 0 of a file object lies on disk (a file and an offset, e.g. a member of an uncompressed tar), so
+    that ``locate`` can name a tensor's bytes for a direct file-to-file copy; a path is its own origin.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> None:
+    def __init__(
+        self, source: str | os.PathLike[str] | BinaryIO, name: str | None = None, origin: tuple[str, int] | None = None
+    ) -> None:
         self._owned = isinstance(source, (str, os.PathLike))
+        self.origin = origin
         if isinstance(source, (str, os.PathLike)):
+            self.origin = (os.fspath(source), 0)
             self.name = name or os.fspath(source)
             try:
                 self._file: BinaryIO = open(source, "rb")  # noqa: SIM115 - closed by close()
@@ -259,6 +265,24 @@ class LazyStateDict(Mapping[str, Any]):
             raise ValueError(f"rows {start}:{stop} out of range for {key} of shape {ref.size}")
         offset = ref.offset + start * ref.stride[0]
         return self._read(TensorRef(ref.storage, ref.dtype, offset, (stop - start, *ref.size[1:]), ref.stride))
+
+    def locate(self, key: str) -> tuple[str, int] | None:
+        """(file, byte offset) of tensor ``key``'s bytes on disk when they are stored contiguously, else None.
+
+        Needs a known ``origin``; the storage record must hold the whole tensor (as ``torch.save`` writes it).
+        """
+        ref = self._ref(key)
+        start, end = ref.span()
+        info = self._records.get(ref.storage.key)
+        if self.origin is None or info is None or end > info.file_size or end - start != ref.nbytes:
+            return None
+        expected, step = [], 1
+        for n in reversed(ref.size):
+            expected.insert(0, step)
+            step *= n
+        if any(n > 1 and s != e for n, s, e in zip(ref.size, ref.stride, expected, strict=True)):
+            return None
+        return self.origin[0], self.origin[1] + self._data_offset(ref.storage.key, info) + start
 
     def _ref(self, key: str) -> TensorRef:
         value = self._entries[key]

@@ -27,25 +27,48 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, pad], dim=0)
 
 
-def shard(tensor: torch.Tensor, split: Split, tp: int, rank: int, *, padded_vocab: int | None = None) -> torch.Tensor:
+def shard(
+    tensor: torch.Tensor, split: Split, tp: int, rank: int, *, padded_vocab: int | None = None, compact: bool = True
+) -> torch.Tensor:
     """The part of a full (TP=1) tensor that tensor-parallel ``rank`` of ``tp`` holds.
 
-    A split part is a compact copy, never a view: ``torch.save`` writes a view's whole storage.
+    A split part is a compact copy, never a view: ``torch.save`` writes a view's whole storage. With
+    ``compact=False`` a part that is a slice of ``tensor`` comes back as a view (for writing its bytes out).
     """
+    keep = _compact if compact else (lambda part: part)
     if split is Split.VOCAB:
         if padded_vocab is None:
             raise ValueError("padded_vocab is required for vocab-parallel tensors")
-        return _compact(torch.chunk(pad_rows(tensor, padded_vocab), tp, dim=0)[rank])
+        return keep(torch.chunk(pad_rows(tensor, padded_vocab), tp, dim=0)[rank])
     if split is Split.REPLICATED or tp == 1 or (split is Split.ROW and tensor.dim() == 1):
         return tensor.contiguous()  # row-parallel biases are replicated
     if split in (Split.COLUMN, Split.QKV):
-        return _compact(_chunk(tensor, tp, 0)[rank])
+        return keep(_chunk(tensor, tp, 0)[rank])
     if split is Split.ROW:
-        return _compact(_chunk(tensor, tp, 1)[rank])
+        return keep(_chunk(tensor, tp, 1)[rank])
     if split is Split.GATED_MLP:
         gate, up = torch.chunk(tensor, 2, dim=0)
         return torch.cat([_chunk(gate, tp, 0)[rank], _chunk(up, tp, 0)[rank]], dim=0)
     raise ValueError(f"unknown split kind {split}")
+
+
+def shard_shape(shape: Sequence[int], split: Split, tp: int, *, padded_vocab: int | None = None) -> tuple[int, ...]:
+    """The shape of every rank's part of a full tensor of ``shape`` (what ``shard`` returns), without data."""
+    shape = tuple(shape)
+    if split is Split.VOCAB:
+        if padded_vocab is None:
+            raise ValueError("padded_vocab is required for vocab-parallel tensors")
+        if shape[0] > padded_vocab:
+            raise NevaError(f"cannot pad {shape[0]} vocabulary rows down to {padded_vocab}")
+        if padded_vocab % tp:
+            raise ValueError(f"padded vocabulary {padded_vocab} is not a multiple of TP={tp}")
+        return (padded_vocab // tp, *shape[1:])
+    if split is Split.REPLICATED or tp == 1 or (split is Split.ROW and len(shape) == 1):
+        return shape
+    dim = 1 if split is Split.ROW else 0
+    if shape[dim] % (2 * tp if split is Split.GATED_MLP else tp):
+        raise NevaError(f"dimension {dim} of size {shape[dim]} cannot be split evenly across TP={tp}")
+    return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
 def _compact(part: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the subcommand and return the exit status (2 for user errors)."""
     args = build_parser().parse_args(argv)
+    gc.freeze()  # the import-time objects (torch, transformers) are never freed: keep them out of every collection
     setup_logging(args.verbose - args.quiet, progress=not args.no_progress)
     return_freed_memory_to_os()
     try:

@@ -1,12 +1,14 @@
 """``hf-to-nemo``: a Hugging Face LLaMA-style checkpoint → a NeMo-1 ``.nemo`` with megatron-core names.
 
-Streaming: tensors are read one at a time and each tensor-parallel rank's state dict is written into
-the archive as soon as it is complete, so peak memory is about one output shard; no torch model is
-instantiated.
+Streaming, no torch model instantiated. Legacy weights: every rank file is laid out first and each
+tensor's parts are then written into all of them, copied file to file where the bytes are already on
+disk in the right order (``convert.legacy_writer``), so memory holds about one tensor. Dist weights
+go through ``dist_checkpointing.save``, which holds the whole model.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +21,9 @@ import torch
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.hf_reader import HFCheckpoint, resolve_hf_input
 from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoWriter, weights_member
+from neva_tools.checkpoint.parts import Stored
 from neva_tools.convert.dist_writer import write_dist_checkpoint
+from neva_tools.convert.legacy_writer import Job, part_bytes, write_legacy
 from neva_tools.convert.tokenizer_files import add_tokenizer
 from neva_tools.errors import NevaError
 from neva_tools.mappings import transforms
@@ -76,18 +80,38 @@ def check_tensors(ckpt: HFCheckpoint, arch: LlamaArch) -> list[str]:
     return sorted(ignored)
 
 
+def fuse(parts: list[torch.Tensor], split: Split, arch: LlamaArch) -> torch.Tensor:
+    """The full megatron-core tensor from its HF tensors (``parts`` itself for a single tensor)."""
+    if split is Split.QKV:
+        return transforms.fuse_qkv(*parts, num_heads=arch.num_heads, num_groups=arch.num_groups)
+    if split is Split.GATED_MLP:
+        return transforms.fuse_gated(*parts)
+    return parts[0]
+
+
 def nemo_tensor(
     ckpt: HFCheckpoint, arch: LlamaArch, hf_names: tuple[str, ...], split: Split, dtype: torch.dtype
 ) -> torch.Tensor:
     """Build one full (TP=1) megatron-core tensor of ``dtype`` from its HF tensors (always a fresh tensor)."""
     parts = [ckpt.get(n, copy=False) for n in hf_names]
-    if split is Split.QKV:
-        fused = transforms.fuse_qkv(*parts, num_heads=arch.num_heads, num_groups=arch.num_groups)
-    elif split is Split.GATED_MLP:
-        fused = transforms.fuse_gated(*parts)
-    else:  # a single tensor: copy it out of the mapped file
+    if len(parts) == 1:  # a single tensor: copy it out of the mapped file
         return parts[0].to(dtype, copy=True)
-    return fused.to(dtype)
+    return fuse(parts, split, arch).to(dtype)
+
+
+def legacy_jobs(ckpt: HFCheckpoint, arch: LlamaArch, tp: int, dtype: torch.dtype) -> list[Job]:
+    """One ``legacy_writer.Job`` per megatron-core tensor, with a target in every rank's file."""
+    jobs = []
+    for nemo_name, hf_names, split in arch.entries():
+        sources = [Stored(ckpt.location(n), ckpt.shape(n), ckpt.dtype(n) or dtype) for n in hf_names]
+        shape = (sum(s.shape[0] for s in sources), *sources[0].shape[1:])  # fusing stacks along dim 0
+        jobs.append(Job(
+            name=nemo_name, split=split, shape=shape, dtype=dtype, sources=sources,
+            assemble=functools.partial(fuse, split=split, arch=arch),
+            load=functools.partial(nemo_tensor, ckpt, arch, hf_names, split, dtype),
+            targets=[(weights_member(rank, tp), nemo_name, rank) for rank in range(tp)],
+        ))  # fmt: skip
+    return jobs
 
 
 def iter_rank_tensors(
@@ -147,11 +171,11 @@ def convert_hf_to_nemo(
         cfg = nemo_config(arch, ckpt.config, tp, dtype, divisible_by)
         padded = padded_vocab_size(arch.vocab_size, tp, divisible_by)
         total = sum(torch.Size(ckpt.shape(n)).numel() for _, names, _ in arch.entries() for n in names)
-        tensor_bytes = total * DTYPES[dtype].itemsize
-        passes = tp if fmt == "legacy" else 1
+        jobs = legacy_jobs(ckpt, arch, tp, DTYPES[dtype]) if fmt == "legacy" else []
+        to_write = part_bytes(jobs, tp, padded) if jobs else total * DTYPES[dtype].itemsize
         with (
             NemoWriter(output, overwrite=overwrite) as writer,
-            progress(total=tensor_bytes * passes, unit="B", unit_scale=True, desc="hf-to-nemo") as bar,
+            progress(total=to_write, unit="B", unit_scale=True, desc="hf-to-nemo") as bar,
         ):
             tokenizer = add_tokenizer(writer, src)
             if tokenizer is None:
@@ -160,17 +184,14 @@ def convert_hf_to_nemo(
                 cfg["tokenizer"] = tokenizer
             writer.add_yaml(CONFIG_NAME, cfg)
             if fmt == "legacy":
-                for rank in range(tp):
-                    state = dict(iter_rank_tensors(ckpt, arch, tp, rank, padded, DTYPES[dtype], bar))
-                    writer.add_torch(weights_member(rank, tp), state)
-                    del state
+                write_legacy(writer, jobs, tp, padded, bar)
             else:
                 tensors = iter_rank_tensors(ckpt, arch, 1, 0, padded, DTYPES[dtype], bar)
                 write_dist_checkpoint(writer, tensors, arch)
     summary = ConvertSummary(
         output=output,
         parameters=total,
-        bytes_read=ckpt.nbytes() * passes,
+        bytes_read=ckpt.nbytes(),
         bytes_written=output.stat().st_size,
         seconds=time.perf_counter() - start,
         peak_rss=peak_rss_bytes(),

@@ -2,12 +2,14 @@
 
 Full tensors are rebuilt from the source ranks with the mapping table's merge rules (replicated tensors
 verified identical) and split again for the target ranks; vocabulary padding is recomputed for the
-target TP. Each target rank's state dict is streamed into the output archive as soon as it is
-complete, so memory holds about one output shard. Tokenizer and other artifacts are carried over.
+target TP. Legacy outputs are laid out first and each tensor's parts are written into every target
+rank's file, copied file to file where they are rows of the stored shards (``convert.legacy_writer``),
+so memory holds about one tensor. Tokenizer and other artifacts are carried over.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -22,6 +24,7 @@ from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWri
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
 from neva_tools.convert.dist_writer import write_dist_checkpoint
 from neva_tools.convert.hf_to_nemo import ConvertSummary
+from neva_tools.convert.legacy_writer import Job, part_bytes, write_legacy
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.nemo_legacy import mcore_to_legacy
@@ -51,25 +54,33 @@ def local_name(name: str, stage: int, per_stage: int, legacy: bool) -> str:
     return mcore_to_legacy(name) if legacy else name
 
 
-def stage_tensors(
-    tensors: NemoTensors, stage: int, tp: int, rank: int, pp: int, padded: int, legacy: bool, counts: list[int]
-) -> Iterator[tuple[str, Any]]:
-    """(stored name, shard) of every tensor that TP ``rank`` of pipeline ``stage`` holds.
-
-    ``counts[0]`` accumulates the parameters of the full tensors seen on TP rank 0.
-    """
-    per_stage = tensors.arch.num_layers // pp
+def dist_tensors(tensors: NemoTensors, padded: int) -> Iterator[tuple[str, Any]]:
+    """(name, full tensor with the target's vocabulary padding) of every tensor, for a dist checkpoint."""
     for name in tensors.names():
-        if stage_of(name, per_stage, pp) == stage:
-            counts[0] += math.prod(tensors.shape(name)) if rank == 0 else 0
-            yield local_name(name, stage, per_stage, legacy), tensors.part(name, tp, rank, padded)
-    if pp > 1 and stage == pp - 1 and tensors.arch.tied:
-        # megatron-core keeps a copy of the tied embedding as the last stage's output layer
-        embedding = tensors.full("model.embedding.word_embeddings.weight")
-        yield (
-            local_name("model.output_layer.weight", stage, per_stage, legacy),
-            tp_rules.shard(embedding, Split.VOCAB, tp, rank, padded_vocab=padded),
-        )
+        yield name, tensors.part(name, 1, 0, padded)
+
+
+def legacy_jobs(tensors: NemoTensors, tp: int, pp: int, legacy: bool) -> list[Job]:
+    """One ``legacy_writer.Job`` per tensor, targeting every TP rank of its pipeline stage."""
+    arch, per_stage = tensors.arch, tensors.arch.num_layers // pp
+    jobs = []
+
+    def job(name: str, stage: int, stored_as: str) -> Job:
+        split, sources = tensors.entries[name], tensors.stored(name)
+        vocab = arch.vocab_size if split is Split.VOCAB else None
+        key = local_name(stored_as, stage, per_stage, legacy)
+        return Job(
+            name=name, split=split, shape=tensors.shape(name), dtype=sources[0].dtype, sources=sources,
+            assemble=functools.partial(tp_rules.merge, split=split, name=name, vocab=vocab),
+            load=functools.partial(tensors.full, name),
+            targets=[(weights_member(t, tp, stage, pp), key, t) for t in range(tp)],
+        )  # fmt: skip
+
+    for name in tensors.names():
+        jobs.append(job(name, stage_of(name, per_stage, pp), name))
+    if pp > 1 and arch.tied:  # megatron-core keeps a copy of the tied embedding as the last stage's output layer
+        jobs.append(job("model.embedding.word_embeddings.weight", pp - 1, "model.output_layer.weight"))
+    return jobs
 
 
 def new_config(raw: dict[str, Any], cfg: dict[str, Any], tp: int, pp: int, vocab: int, mcore: bool) -> dict[str, Any]:
@@ -134,11 +145,12 @@ def repartition(
         padded = padded_vocab_size(arch.vocab_size, tp, divisible)
         config = new_config(archive.read_config(), cfg, tp, pp, arch.vocab_size, mcore=not legacy_names)
         replaced = _replace_tokenizer(config, tokenizer_model)
-        ranks = [(p, t) for p in range(pp) for t in range(tp)] if fmt == "legacy" else [(0, 0)]
-        counts = [0]
+        jobs = legacy_jobs(tensors, tp, pp, legacy_names) if fmt == "legacy" else []
+        parameters = sum(math.prod(tensors.shape(name)) for name in tensors.names())
+        total = part_bytes(jobs, tp, padded)
         with (
             NemoWriter(output, overwrite=overwrite) as writer,
-            progress(total=len(ranks), desc="repartition", unit="shard") as bar,
+            progress(total=total or 1, desc="repartition", unit="B", unit_scale=True) as bar,
         ):
             for member in archive.other_members():
                 if member != replaced:
@@ -148,18 +160,14 @@ def repartition(
                 writer.add_file(_model_section(config)["tokenizer"]["model"].removeprefix("nemo:"), tokenizer_model)
             writer.add_yaml(CONFIG_NAME, config)
             if fmt == "legacy":
-                for p, t in ranks:
-                    state = dict(stage_tensors(tensors, p, tp, t, pp, padded, legacy_names, counts))
-                    writer.add_torch(weights_member(t, tp, p, pp), state)
-                    del state
-                    bar.update()
+                write_legacy(writer, jobs, tp, padded, bar)
             else:
-                write_dist_checkpoint(writer, stage_tensors(tensors, 0, 1, 0, 1, padded, False, counts), arch)
-                bar.update()
+                write_dist_checkpoint(writer, dist_tensors(tensors, padded), arch)
+                bar.update(total or 1)
     logger.info("repartitioned %s to TP=%d PP=%d (%s) at %s", source, tp, pp, fmt, output)
     return ConvertSummary(
         output=output,
-        parameters=counts[0],
+        parameters=parameters,
         bytes_read=Path(source).stat().st_size if Path(source).is_file() else 0,
         bytes_written=output.stat().st_size,
         seconds=time.perf_counter() - start,

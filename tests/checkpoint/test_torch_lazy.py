@@ -246,3 +246,17 @@ def test_rows_reads_only_the_requested_rows(tmp_path: Path) -> None:
         assert lazy.rows("w", 5, 5).shape == (0, 4)
         with pytest.raises(ValueError, match="out of range"):
             lazy.rows("w", 8, 11)
+
+
+def test_locate_names_the_bytes_of_contiguous_tensors_only(tmp_path: Path) -> None:
+    path = _save(_tensors(), tmp_path / "w.ckpt")
+    raw = path.read_bytes()
+    with LazyStateDict(path) as lazy:
+        for key in ("fp32", "bf16", "base", "tail", "scalar", "fp8"):  # "tail" starts 2 elements into base's record
+            file, offset = lazy.locate(key)
+            want = lazy[key].reshape(-1).view(torch.uint8).numpy().tobytes()
+            assert file == str(path) and raw[offset : offset + len(want)] == want, key
+        for key in ("transposed", "column", "every_other", "expanded"):
+            assert lazy.locate(key) is None, key
+    with open(path, "rb") as fh:
+        assert LazyStateDict(fh).locate("fp32") is None  # a file object without an origin

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neva_tools.checkpoint.tp import merge, shard
+from neva_tools.checkpoint.tp import merge, shard, shard_shape
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 
@@ -33,6 +33,14 @@ def test_split_merge_round_trip_and_compact_storage(split: Split, shape: tuple[i
     assert torch.equal(back, full)
 
 
+@pytest.mark.parametrize(("split", "shape"), CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_shard_shape_is_the_shape_of_every_shard(split: Split, shape: tuple[int, ...], tp: int) -> None:
+    padded = 16 if split is Split.VOCAB else None
+    shapes = {tuple(shard(torch.zeros(shape), split, tp, r, padded_vocab=padded).shape) for r in range(tp)}
+    assert shapes == {shard_shape(shape, split, tp, padded_vocab=padded)}
+
+
 def test_gated_mlp_rank_holds_its_gate_and_up_rows() -> None:
     gate, up = torch.arange(8.0).reshape(4, 2), 100 + torch.arange(8.0).reshape(4, 2)
     part = shard(torch.cat([gate, up]), Split.GATED_MLP, 2, 1)
@@ -52,3 +60,5 @@ def test_replicated_mismatch_names_tensor_and_ranks() -> None:
 def test_uneven_split_is_an_error() -> None:
     with pytest.raises(NevaError, match="cannot be split evenly across TP=4"):
         shard(torch.ones(6, 2), Split.COLUMN, 4, 0)
+    with pytest.raises(NevaError, match="dimension 1 of size 6 cannot be split evenly across TP=4"):
+        shard_shape((2, 6), Split.ROW, 4)

@@ -267,3 +267,29 @@ def test_megatron_change_num_partitions_dropin(llama_hf: Path, tmp_path: Path, c
                             str(tp1), "--target_file", str(tmp_path / "w.nemo"), "--tensor_model_parallel_size", "2",
                             "--target_tensor_model_parallel_size", "1"], capture_output=True, text=True)  # fmt: skip
     assert wrong.returncode == 2 and "--tensor_model_parallel_size is 2 but" in wrong.stderr
+
+
+def test_sources_without_file_offsets_give_the_same_file(model_tp1: Path, tmp_path: Path) -> None:
+    """An extracted directory is copied from by offset too; a gzip-compressed .nemo is read through memory."""
+    import tarfile
+
+    tp2 = tmp_path / "tp2.nemo"
+    repartition(model_tp1, tp2, tp=2)
+    folder, gz = tmp_path / "extracted", tmp_path / "tp2.nemo.tgz"
+    with tarfile.open(tp2) as tar:
+        tar.extractall(folder, filter="data")
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    for source, located in ((folder, True), (gz, False)):
+        with NemoArchive(source) as archive:
+            _, arch = load_arch(archive)
+            stored = NemoTensors(archive, arch).stored("model.output_layer.weight")
+            assert len(stored) == 2 and all((s.where is not None) is located for s in stored)
+    outs = [tmp_path / f"tp4_{i}.nemo" for i in range(3)]
+    for source, out in zip((tp2, folder, gz), outs, strict=True):
+        repartition(source, out, tp=4)
+        with NemoArchive(out) as archive, NemoArchive(outs[0]) as ref:
+            for rank in range(4):
+                got, want = archive.load_legacy(rank), ref.load_legacy(rank)
+                assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert_same_tensors(model_tp1, outs[0])
