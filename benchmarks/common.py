@@ -144,3 +144,25 @@ def side_by_side(runs: int, steps: dict[str, Callable[[], float]], inputs: list[
 
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
+
+
+def timing_result(tool: str, samples: dict[str, list[float]], peak_rss: int, baseline: int,
+                  largest_shard: int) -> dict:  # fmt: skip
+    """The JSON fields both checkpoint benchmarks report: medians, ratios to ``cp`` (+ ``fsync``), memory."""
+    cp, cp_fsync, wall = median(samples["cp"]), median(samples["cp_fsync"]), median(samples[tool])
+    in_process = median(samples[f"{tool}_in_process"])
+    return {
+        "cp_seconds": cp,
+        "cp_fsync_seconds": cp_fsync,
+        f"{tool}_seconds": wall,
+        f"{tool}_in_process_seconds": in_process,
+        "wall_ratio_vs_cp_fsync": round(wall / cp_fsync, 2),
+        "wall_ratio_vs_cp": round(wall / cp, 2),
+        "in_process_ratio_vs_cp_fsync": round(in_process / cp_fsync, 2),
+        "samples_seconds": samples,
+        "peak_rss_bytes": peak_rss,
+        "baseline_rss_bytes": baseline,
+        "largest_output_shard_bytes": largest_shard,
+        "rss_over_baseline_vs_shard": round((peak_rss - baseline) / largest_shard, 3),
+        "targets": {"wall_ratio_vs_cp_fsync": "<= 3", "rss_over_baseline_vs_shard": "<= 1.5"},
+    }

@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, median, side_by_side, timed
+from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, side_by_side, timed, timing_result
 
 
 def main() -> int:
@@ -65,27 +65,14 @@ def main() -> int:
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.hf_to_nemo, torch, safetensors")
         with tarfile.open(out) as tar:
             largest_shard = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
-        cp, cp_fsync, wall = median(samples["cp"]), median(samples["cp_fsync"]), median(samples["convert"])
         result = {
             "model_bytes": src_bytes,
             "tp": args.tp,
             "runs": args.runs,
             "page_cache": "cold" if args.cold else "warm",
-            "cp_seconds": cp,
-            "cp_fsync_seconds": cp_fsync,
-            "convert_seconds": wall,
-            "convert_in_process_seconds": median(samples["convert_in_process"]),
-            "wall_ratio_vs_cp_fsync": round(wall / cp_fsync, 2),
-            "wall_ratio_vs_cp": round(wall / cp, 2),
-            "in_process_ratio_vs_cp_fsync": round(median(samples["convert_in_process"]) / cp_fsync, 2),
-            "samples_seconds": samples,
-            "peak_rss_bytes": peak_rss,
-            "baseline_rss_bytes": baseline,
-            "largest_output_shard_bytes": largest_shard,
-            "rss_over_baseline_vs_shard": round((peak_rss - baseline) / largest_shard, 3),
+            **timing_result("convert", samples, peak_rss, baseline, largest_shard),
             "output_bytes": out.stat().st_size,
             "output_vs_input_bytes": round(out.stat().st_size / src_bytes, 4),
-            "targets": {"wall_ratio_vs_cp_fsync": "<= 3", "rss_over_baseline_vs_shard": "<= 1.5"},
         }
         print(json.dumps(result, indent=2))
     finally:

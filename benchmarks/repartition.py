@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, median, side_by_side, timed
+from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, side_by_side, timed, timing_result
 
 
 def main() -> int:
@@ -63,25 +63,12 @@ def main() -> int:
         baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.repartition, torch")
         with tarfile.open(out) as tar:
             largest = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
-        cp, cp_fsync, wall = median(samples["cp"]), median(samples["cp_fsync"]), median(samples["repartition"])
         result = {
             "source_bytes": source.stat().st_size,
             "tp": args.tp,
             "runs": args.runs,
             "page_cache": "cold" if args.cold else "warm",
-            "cp_seconds": cp,
-            "cp_fsync_seconds": cp_fsync,
-            "repartition_seconds": wall,
-            "repartition_in_process_seconds": median(samples["repartition_in_process"]),
-            "wall_ratio_vs_cp_fsync": round(wall / cp_fsync, 2),
-            "wall_ratio_vs_cp": round(wall / cp, 2),
-            "in_process_ratio_vs_cp_fsync": round(median(samples["repartition_in_process"]) / cp_fsync, 2),
-            "samples_seconds": samples,
-            "peak_rss_bytes": peak_rss,
-            "baseline_rss_bytes": baseline,
-            "largest_output_shard_bytes": largest,
-            "rss_over_baseline_vs_shard": round((peak_rss - baseline) / largest, 3),
-            "targets": {"wall_ratio_vs_cp_fsync": "<= 3", "rss_over_baseline_vs_shard": "<= 1.5"},
+            **timing_result("repartition", samples, peak_rss, baseline, largest),
         }
         print(json.dumps(result, indent=2))
     finally:

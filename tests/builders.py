@@ -104,3 +104,40 @@ def megatron_logits(rank: int, world_size: int, nemo: str, ids: Any) -> Any:
         return logits[..., : arch.vocab_size]
     finally:
         destroy_distributed()
+
+
+def with_chat_tokens(tokenizer: Path, out: Path, tokens: list[str]) -> Path:
+    """``tokenizer`` (a sentencepiece model or an HF directory) plus ``tokens`` as user-defined pieces."""
+    from neva_tools.tokenizer.add_tokens import add_tokens
+
+    add_tokens(tokenizer, out, tokens, "user_defined")
+    return out
+
+
+def llama_normalized(sp_model: Path, out: Path) -> Path:
+    """``sp_model`` with LLaMA's normalizer: identity, whitespace kept (``" a"`` encodes as ``▁ ▁ a``)."""
+    from neva_tools.tokenizer import sentencepiece_model as spmodel
+
+    proto = spmodel.load_proto(sp_model)
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    proto.normalizer_spec.precompiled_charsmap = b""
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def byte_level_tokenizer(corpus: list[str], out: Path, tokens: list[str]) -> Path:
+    """A Qwen-like byte-level BPE tokenizer (no BOS, EOS ``<|endoftext|>``) plus ``tokens``, in HF directory ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    )
+    base = out.parent / f"{out.name}_base"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(base))
+    return with_chat_tokens(base, out, tokens)

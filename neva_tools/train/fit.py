@@ -165,3 +165,14 @@ def make_trainer(
         use_distributed_sampler=False,  # data is split by ResumableSampler (data-parallel rank, resumable)
         deterministic=False,
     )
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, resume: Path | None, consumed: int, final: Any,
+        log_dir: Path) -> Path | None:  # fmt: skip
+    """``trainer.fit`` from ``resume`` (or the start); returns ``final.output``, the run's ``.nemo`` on rank 0."""
+    if resume is not None:
+        logger.info("resuming from %s (%d samples consumed)", resume, consumed)
+    trainer.fit(module, ckpt_path=str(resume) if resume else None)
+    if final.output is not None:
+        logger.info("final model: %s; logs and loss.png: %s", final.output, log_dir)
+    return final.output

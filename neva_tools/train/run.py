@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> Path | None:
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.tokenizer.text import TextTokenizer
     from neva_tools.train import checkpoint as ckpt
-    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
+    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, fit, make_trainer
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.optim import OptimSettings
     from neva_tools.train.sampler import ResumableSampler
@@ -188,12 +188,7 @@ def train(cfg: DictConfig) -> Path | None:
     every = int(cfg.exp_manager.checkpoint_every_n_steps)
     callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", every), final]
     trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
-    if resume is not None:
-        logger.info("resuming from %s (%d samples consumed)", resume, consumed)
-    trainer.fit(module, ckpt_path=str(resume) if resume else None)
-    if final.output is not None:
-        logger.info("final model: %s; logs and loss.png: %s", final.output, run_dir / "logs")
-    return final.output
+    return fit(trainer, module, resume, consumed, final, run_dir / "logs")
 
 
 class FinalNemo(pl.Callback):

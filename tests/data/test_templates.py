@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from builders import byte_level_tokenizer, llama_normalized, with_chat_tokens
 
 from neva_tools.data.records import Turn
 from neva_tools.data.templates import (
@@ -25,7 +26,6 @@ from neva_tools.data.templates import (
     tokenize_conversation,
 )
 from neva_tools.errors import NevaError
-from neva_tools.tokenizer import sentencepiece_model as spmodel
 from neva_tools.tokenizer.add_tokens import add_tokens
 from neva_tools.tokenizer.text import TextTokenizer
 
@@ -95,41 +95,19 @@ def _hf_raw(path: Path, sep: str) -> Raw:
 @pytest.fixture(scope="module")
 def sp_chat(sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session sentencepiece model (nmt_nfkc: collapses whitespace) plus the chat special tokens."""
-    out = tmp_path_factory.mktemp("tpl") / "chat.model"
-    add_tokens(sp_model, out, CHAT_TOKENS, "user_defined")
-    return out
+    return with_chat_tokens(sp_model, tmp_path_factory.mktemp("tpl") / "chat.model", CHAT_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def sp_llama(sp_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Like ``sp_chat`` with LLaMA's normalizer (identity, whitespace kept): ``" a"`` encodes as ``▁ ▁ a``."""
-    proto = spmodel.load_proto(sp_chat)
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.precompiled_charsmap = b""
-    out = tmp_path_factory.mktemp("tpl") / "llama.model"
-    out.write_bytes(proto.SerializeToString())
-    return out
+    """Like ``sp_chat`` with LLaMA's normalizer (identity, whitespace kept)."""
+    return llama_normalized(sp_chat, tmp_path_factory.mktemp("tpl") / "llama.model")
 
 
 @pytest.fixture(scope="module")
 def byte_level(corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Qwen-like byte-level BPE tokenizer (no BOS, EOS <|endoftext|>) plus the chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
-    )
-    base = tmp_path_factory.mktemp("tpl") / "bl"
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(base))
-    out = base.parent / "bl_chat"
-    add_tokens(base, out, CHAT_TOKENS, "user_defined")
-    return out
+    return byte_level_tokenizer(corpus, tmp_path_factory.mktemp("tpl") / "bl_chat", CHAT_TOKENS)
 
 
 @pytest.fixture(scope="module")

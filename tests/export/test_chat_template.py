@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import byte_level_tokenizer, llama_normalized, with_chat_tokens
 from neva_models import expand_images
 from PIL import Image
 
@@ -21,8 +22,6 @@ from neva_tools.data.templates import (
 from neva_tools.errors import NevaError
 from neva_tools.export.chat_template import chat_template
 from neva_tools.export.tokenizer import check_chat_template, ensure_image_token, hf_tokenizer, sentencepiece_to_fast
-from neva_tools.tokenizer import sentencepiece_model as spmodel
-from neva_tools.tokenizer.add_tokens import add_tokens
 from neva_tools.tokenizer.text import TextTokenizer
 
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -35,41 +34,20 @@ TEXTS = ["A red circle in the top left.", "USER: What colour? ASSISTANT:", " hi"
 
 @pytest.fixture(scope="module")
 def sp_chat(sp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session sentencepiece model (nmt_nfkc normalization) plus the chat special tokens."""
-    out = tmp_path_factory.mktemp("chat") / "chat.model"
-    add_tokens(sp_model, out, CHAT_TOKENS, "user_defined")
-    return out
+    """The session sentencepiece model (nmt_nfkc: collapses whitespace) plus the chat special tokens."""
+    return with_chat_tokens(sp_model, tmp_path_factory.mktemp("chat") / "chat.model", CHAT_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def sp_llama(sp_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``sp_chat`` with LLaMA's normalizer: identity, whitespace kept."""
-    proto = spmodel.load_proto(sp_chat)
-    proto.normalizer_spec.name = "identity"
-    proto.normalizer_spec.remove_extra_whitespaces = False
-    proto.normalizer_spec.precompiled_charsmap = b""
-    out = tmp_path_factory.mktemp("chat") / "llama.model"
-    out.write_bytes(proto.SerializeToString())
-    return out
+    """Like ``sp_chat`` with LLaMA's normalizer (identity, whitespace kept)."""
+    return llama_normalized(sp_chat, tmp_path_factory.mktemp("chat") / "llama.model")
 
 
 @pytest.fixture(scope="module")
 def byte_level(corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Qwen-like byte-level BPE tokenizer (no BOS, EOS <|endoftext|>) plus the chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(corpus, trainer)
-    base = tmp_path_factory.mktemp("chat") / "bl"
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(base))
-    out = base.parent / "bl_chat"
-    add_tokens(base, out, CHAT_TOKENS, "user_defined")
-    return out
+    return byte_level_tokenizer(corpus, tmp_path_factory.mktemp("chat") / "bl_chat", CHAT_TOKENS)
 
 
 @pytest.mark.parametrize("kind", ["sp_chat", "sp_llama"])
