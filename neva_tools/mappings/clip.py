@@ -1,8 +1,9 @@
 """CLIP vision towers (open_clip and Hugging Face) → megatron-core ``CLIPViTModel``: architecture and weight tables.
 
 Names on the megatron-core side are ``CLIPViTModel``'s own (local layer spec); inside ``LLaVAModel`` they gain the
-prefix :data:`LLAVA_PREFIX`. Hugging Face names are given without the ``vision_model.`` prefix: transformers 5
-saves ``CLIPVisionModel`` without it, transformers 4 and full ``CLIPModel`` checkpoints with it; both are accepted.
+prefix ``vision_model.`` (:data:`neva_tools.mappings.vit.LLAVA_PREFIX`). Hugging Face names are given without the
+``vision_model.`` prefix: transformers 5 saves ``CLIPVisionModel`` without it, transformers 4 and full
+``CLIPModel`` checkpoints with it; both are accepted. The conversion itself is :mod:`neva_tools.mappings.vit`.
 
 NeVA uses the output of transformer layer ``select_layer`` (default -2: the second-to-last layer, LLaVA's
 ``mm_vision_select_layer``; HF ``hidden_states[select_layer]``, where ``hidden_states[0]`` is the ``ln_pre``
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +39,11 @@ import torch.nn.functional as F
 
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Entry, Split
-from neva_tools.mappings.transforms import fuse_qkv, unfuse_qkv
+from neva_tools.mappings.vit import convert_to_hf, convert_to_mcore, entries
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
 
-#: Where ``CLIPViTModel``'s tensors live inside megatron-core's ``LLaVAModel``.
-LLAVA_PREFIX = "vision_model."
 
 _M = "decoder.layers.{i}."
 _O = "transformer.resblocks.{i}."
@@ -266,17 +265,6 @@ class ClipVisionArch:
         return dataclasses.replace(self, **changes)
 
 
-def entries(
-    table: tuple[Entry, ...], arch: ClipVisionArch, select_layer: int = -2
-) -> list[tuple[str, tuple[str, ...], Split]]:
-    """Every (megatron-core name, source names, split) for the layers kept for ``select_layer``."""
-    kept = arch.kept_layers(select_layer)
-    out = []
-    for entry in table:
-        out.extend((*entry.expand(i), entry.split) for i in (range(kept) if entry.per_layer else [None]))
-    return out
-
-
 def mcore_splits(arch: ClipVisionArch, select_layer: int = -2) -> dict[str, Split]:
     """``CLIPViTModel`` tensor name → its tensor-parallel split kind."""
     return {name: split for name, _, split in entries(OPEN_CLIP_TABLE, arch, select_layer)}
@@ -311,54 +299,6 @@ def mcore_shapes(arch: ClipVisionArch, select_layer: int = -2) -> dict[str, tupl
     return shapes
 
 
-def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
-    return tuple(d for d in shape if d != 1)
-
-
-def convert_to_mcore(
-    state: Mapping[str, torch.Tensor],
-    arch: ClipVisionArch,
-    table: tuple[Entry, ...],
-    ignored: tuple[str, ...],
-    select_layer: int,
-    kind: str,
-    *,
-    family: str = "CLIP",
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """The conversion every ViT family shares: check the key sets, build each tensor, check its shape.
-
-    ``shapes`` are the family's full megatron-core shapes (default: CLIP's); a source tensor that differs from its
-    target only by size-1 dimensions (a flat class token, timm's ``[1, patches, h]`` positions) is reshaped.
-    """
-    known = {s for _, sources, _ in entries(table, arch, -1) for s in sources}
-    missing = sorted(known - set(state))
-    unknown = sorted(k for k in state if k not in known and not k.startswith(ignored))
-    if missing or unknown:
-        found = "; ".join(
-            f"{what}: {', '.join(names[:20])}{' …' if len(names) > 20 else ''}"
-            for what, names in (("missing", missing), ("unknown", unknown))
-            if names
-        )
-        raise NevaError(f"the {kind} vision checkpoint does not match a {arch.num_layers}-layer {family} ViT ({found})")
-    expected = shapes if shapes is not None else mcore_shapes(arch, select_layer)
-    out: dict[str, torch.Tensor] = {}
-    for name, sources, split in entries(table, arch, select_layer):
-        tensors = [state[s] for s in sources]
-        if split is Split.QKV:
-            q, k, v = torch.chunk(tensors[0], 3, dim=0) if len(tensors) == 1 else tensors
-            tensor = fuse_qkv(q, k, v, num_heads=arch.num_heads, num_groups=arch.num_heads)
-        else:
-            tensor = tensors[0]
-        if tuple(tensor.shape) != expected[name] and _squeezed(tensor.shape) == _squeezed(expected[name]):
-            tensor = tensor.reshape(expected[name])
-        if tuple(tensor.shape) != expected[name]:
-            raise NevaError(f"{kind} tensor {', '.join(sources)} has shape {tuple(tensors[0].shape)}; "
-                            f"expected {expected[name]} for {name} ({arch})")  # fmt: skip
-        out[name] = tensor.contiguous()
-    return out
-
-
 def open_clip_state_to_mcore(
     state_dict: Mapping[str, torch.Tensor], arch: ClipVisionArch, *, select_layer: int = -2
 ) -> dict[str, torch.Tensor]:
@@ -368,7 +308,8 @@ def open_clip_state_to_mcore(
     """
     if any(k.startswith("visual.") for k in state_dict):
         state_dict = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
-    return convert_to_mcore(state_dict, arch, OPEN_CLIP_TABLE, OPEN_CLIP_IGNORED, select_layer, "open_clip")
+    return convert_to_mcore(state_dict, arch, OPEN_CLIP_TABLE, OPEN_CLIP_IGNORED, select_layer, "open_clip",
+                            family="CLIP", shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
 def hf_clip_state_to_mcore(
@@ -381,7 +322,8 @@ def hf_clip_state_to_mcore(
         if name in state:
             raise NevaError(f"HF tensor {name} appears both with and without the {HF_PREFIX!r} prefix")
         state[name] = value
-    return convert_to_mcore(state, arch, HF_TABLE, HF_IGNORED, select_layer, "Hugging Face")
+    return convert_to_mcore(state, arch, HF_TABLE, HF_IGNORED, select_layer, "Hugging Face", family="CLIP",
+                            shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
 def mcore_state_to_hf_clip(
@@ -390,40 +332,10 @@ def mcore_state_to_hf_clip(
     """HF ``CLIPVisionModel`` tensors (names without ``vision_model.``) from full ``CLIPViTModel`` tensors.
 
     The inverse of :func:`hf_clip_state_to_mcore` for the layers kept for ``select_layer`` (-1: all layers).
-    ``state`` must hold exactly those tensors (a ``vision_model.`` / :data:`LLAVA_PREFIX` prefix is accepted);
+    ``state`` must hold exactly those tensors (a ``vision_model.`` prefix is accepted);
     missing or unknown names raise ``NevaError``.
     """
-    return convert_to_hf(state, arch, HF_TABLE, select_layer)
-
-
-def convert_to_hf(
-    state: Mapping[str, torch.Tensor],
-    arch: ClipVisionArch,
-    table: tuple[Entry, ...],
-    select_layer: int,
-    *,
-    family: str = "CLIP",
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """HF tensors from full megatron-core ViT tensors through ``table`` (the inverse of :func:`convert_to_mcore`)."""
-    state = {k.removeprefix(LLAVA_PREFIX): v for k, v in state.items()}
-    expected = shapes if shapes is not None else mcore_shapes(arch, select_layer)
-    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unknown:
-        raise NevaError(f"the megatron-core vision tensors do not match a {arch.kept_layers(select_layer)}-layer "
-                        f"{family} ViT: missing {missing[:20]}, unknown {unknown[:20]}")  # fmt: skip
-    out: dict[str, torch.Tensor] = {}
-    for name, hf_names, split in entries(table, arch, select_layer):
-        tensor = state[name]
-        if tuple(tensor.shape) != expected[name]:
-            raise NevaError(f"megatron-core vision tensor {name} has shape {tuple(tensor.shape)}, expected "
-                            f"{expected[name]} ({arch})")  # fmt: skip
-        if split is Split.QKV:
-            parts = unfuse_qkv(tensor, num_heads=arch.num_heads, num_groups=arch.num_heads)
-        else:
-            parts = (tensor.reshape(-1) if name == "class_token" else tensor,)
-        out.update({n: p.contiguous() for n, p in zip(hf_names, parts, strict=True)})
-    return out
+    return convert_to_hf(state, arch, HF_TABLE, select_layer, family="CLIP", shapes=mcore_shapes(arch, select_layer))
 
 
 def transformer_config(

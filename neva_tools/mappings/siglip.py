@@ -32,7 +32,8 @@ import torch
 from neva_tools.errors import NevaError
 from neva_tools.mappings import clip
 from neva_tools.mappings.base import Entry, Split
-from neva_tools.mappings.clip import ACTIVATIONS, HF_ACTIVATIONS, ClipVisionArch, entries
+from neva_tools.mappings.clip import ACTIVATIONS, HF_ACTIVATIONS, ClipVisionArch
+from neva_tools.mappings.vit import convert_to_hf, convert_to_mcore, entries
 
 if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
@@ -270,7 +271,7 @@ def mcore_splits(arch: SiglipVisionArch, select_layer: int = -2) -> dict[str, Sp
 
 def _convert(state: Mapping[str, torch.Tensor], arch: SiglipVisionArch, table: tuple[Entry, ...],
              ignored: tuple[str, ...], select_layer: int, kind: str) -> dict[str, torch.Tensor]:  # fmt: skip
-    return clip.convert_to_mcore(state, arch, table, ignored, select_layer, kind, family="SigLIP",
+    return convert_to_mcore(state, arch, table, ignored, select_layer, kind, family="SigLIP",
                                  shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
@@ -310,7 +311,7 @@ def mcore_state_to_hf_siglip(
     The inverse of :func:`hf_siglip_state_to_mcore` for the layers kept for ``select_layer`` (-1: all layers); the
     unused ``post_layernorm`` and ``head`` are not produced. Missing or unknown names raise ``NevaError``.
     """
-    return clip.convert_to_hf(state, arch, HF_TABLE, select_layer, family="SigLIP",
+    return convert_to_hf(state, arch, HF_TABLE, select_layer, family="SigLIP",
                               shapes=mcore_shapes(arch, select_layer))  # fmt: skip
 
 
