@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from neva_tools.checkpoint.dist import save_full
-from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoWriter
+from neva_tools.checkpoint.nemo_archive import DIST_DIR
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.mappings.llama import LlamaArch
 
 

@@ -20,7 +20,8 @@ import torch
 
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.hf_reader import HFCheckpoint, resolve_hf_input
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoWriter, weights_member
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, weights_member
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.checkpoint.parts import Stored
 from neva_tools.convert.dist_writer import write_dist_checkpoint
 from neva_tools.convert.legacy_writer import Job, part_bytes, write_legacy

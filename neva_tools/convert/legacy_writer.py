@@ -20,7 +20,7 @@ import torch
 
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.fill import RangeWriter
-from neva_tools.checkpoint.nemo_archive import NemoWriter
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.checkpoint.parts import PADDING, Stored, copyable, part_runs
 from neva_tools.mappings.base import Split
 

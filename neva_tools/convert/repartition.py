@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from neva_tools.checkpoint import tp as tp_rules
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWriter, artifact_name, weights_member
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, artifact_name, weights_member
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.dist_writer import write_dist_checkpoint
 from neva_tools.convert.hf_to_nemo import ConvertSummary
 from neva_tools.convert.legacy_writer import Job, part_bytes, write_legacy

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter, artifact_name
+from neva_tools.checkpoint.nemo_archive import NemoArchive, artifact_name
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json",

@@ -25,7 +25,8 @@ import torch
 
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.hf_reader import HFCheckpoint, resolve_hf_input
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoWriter, weights_member
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, weights_member
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.hf_to_nemo import DTYPES, check_tensors, nemo_config, nemo_tensor, source_dtype
 from neva_tools.convert.tokenizer_files import add_tokenizer
 from neva_tools.data.templates import get_template

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter
+from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import model_config
-from neva_tools.model.nemo_writer import canonical_state, save_sharded_nemo
+from neva_tools.checkpoint.nemo_writer import NemoWriter
+from neva_tools.model.save_nemo import canonical_state, save_sharded_nemo
 
 _DTYPES = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16": torch.float16, "16-mixed": torch.float16}
 

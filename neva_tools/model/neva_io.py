@@ -21,7 +21,7 @@ from neva_tools.checkpoint.nemo_tensors import load_arch
 from neva_tools.errors import NevaError
 from neva_tools.mappings.projector import table as projector_table
 from neva_tools.model.from_nemo import load_state_into, rank_state_dict
-from neva_tools.model.nemo_writer import canonical_state, save_sharded_nemo
+from neva_tools.model.save_nemo import canonical_state, save_sharded_nemo
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from neva_tools.checkpoint.fill import RangeWriter
-from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter, weights_member
+from neva_tools.checkpoint.nemo_archive import NemoArchive, weights_member
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.errors import NevaError
 
 WEIGHTS = "model_weights.ckpt"

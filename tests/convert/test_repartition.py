@@ -11,8 +11,9 @@ import torch
 from builders import build_tiny_llm, megatron_logits
 from safetensors.torch import load_file
 
-from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter, artifact_name
+from neva_tools.checkpoint.nemo_archive import NemoArchive, artifact_name
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
 from neva_tools.convert.repartition import repartition
 from neva_tools.errors import NevaError

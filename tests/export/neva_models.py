@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import yaml
 
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, NemoWriter, artifact_name, weights_member
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, artifact_name, weights_member
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.mappings.projector import NEMO_PREFIX
 
 IMAGE, PATCH, VISION_HIDDEN, VISION_LAYERS = 28, 7, 32, 3

@@ -65,7 +65,8 @@ def test_tp2_parity_for_every_family(tiny_llm: Path, tmp_path: Path, ids: torch.
 
 
 def test_wrong_weights_are_listed(llama_hf: Path, tmp_path: Path) -> None:
-    from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.checkpoint.nemo_writer import NemoWriter
     from neva_tools.model.from_nemo import load_gpt_from_nemo
 
     good = tmp_path / "good.nemo"
@@ -106,7 +107,8 @@ def test_dist_file_loads_through_megatron_sharded_state_dict(llama_hf: Path, tmp
 
 def test_nemo_naming_variants_load(llama_hf: Path, tmp_path: Path, ids: torch.Tensor) -> None:
     """NeMo files with ``model.module.`` prefixes, local-spec norm names and TE ``_extra_state`` load the same."""
-    from neva_tools.checkpoint.nemo_archive import NemoArchive, NemoWriter
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.checkpoint.nemo_writer import NemoWriter
     from neva_tools.model.from_nemo import load_gpt_from_nemo
 
     good = tmp_path / "good.nemo"

@@ -23,7 +23,8 @@ PROJECTOR = "model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.
 
 def _projector_nemo(path: Path, llm_hidden: int, vision_hidden: int, *, kind: str = "mlp2x_gelu") -> Path:
     """A legacy NeVA ``.nemo`` holding only a projector (what stage 2 reads from a stage-1 run)."""
-    from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoWriter, weights_member
+    from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, weights_member
+    from neva_tools.checkpoint.nemo_writer import NemoWriter
 
     state = {
         PROJECTOR + "0.weight": torch.zeros(llm_hidden, vision_hidden),

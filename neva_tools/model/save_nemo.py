@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoWriter, weights_member
+from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, weights_member
 from neva_tools.checkpoint.nemo_tensors import canonical_name
+from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.tokenizer_files import add_tokenizer
 
 
