@@ -15,6 +15,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,3 +167,28 @@ def timing_result(tool: str, samples: dict[str, list[float]], peak_rss: int, bas
         "rss_over_baseline_vs_shard": round((peak_rss - baseline) / largest_shard, 3),
         "targets": {"wall_ratio_vs_cp_fsync": "<= 3", "rss_over_baseline_vs_shard": "<= 1.5"},
     }
+
+
+def against_cp(tool: str, cmd: list[str], inputs: list[Path], out: Path, copy_dir: Path, *, runs: int, cold: bool,
+               baseline_modules: str) -> dict:  # fmt: skip
+    """Run ``cmd`` (a ``neva ... --json`` command writing the ``.nemo`` ``out``) side by side with ``cp`` and
+    ``cp`` + ``fsync`` of ``inputs``; return :func:`timing_result`'s fields."""
+    summaries: list[dict] = []
+
+    def run() -> float:
+        out.unlink(missing_ok=True)
+        seconds, stdout = timed(cmd)
+        summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+        return seconds
+
+    steps = {
+        "cp": lambda: copy_seconds(inputs, copy_dir),
+        "cp_fsync": lambda: copy_seconds(inputs, copy_dir, durable=True),
+        tool: run,
+    }
+    samples = side_by_side(runs, steps, inputs, cold)
+    samples[f"{tool}_in_process"] = [round(s["seconds"], 3) for s in summaries]
+    with tarfile.open(out) as tar:
+        largest = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
+    peak_rss = max(s["peak_rss"] for s in summaries)
+    return timing_result(tool, samples, peak_rss, baseline_rss(baseline_modules), largest)

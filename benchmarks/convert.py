@@ -18,11 +18,10 @@ import argparse
 import json
 import shutil
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, side_by_side, timed, timing_result
+from common import SHAPES, against_cp, generate_in_child
 
 
 def main() -> int:
@@ -40,37 +39,17 @@ def main() -> int:
         weights = sorted(model.glob("*.safetensors"))
         src_bytes = sum(f.stat().st_size for f in weights)
         out = work / "model.nemo"
-        summaries: list[dict] = []
-
-        def convert() -> float:
-            out.unlink(missing_ok=True)
-            seconds, stdout = timed([sys.executable, "-m", "neva_tools", "convert", "hf-to-nemo", "--input",
-                                     str(model), "--output", str(out), "--tp", str(args.tp), "--json",
-                                     "--no-progress", "-q"])  # fmt: skip
-            summaries.append(json.loads(stdout.strip().splitlines()[-1]))
-            return seconds
-
-        samples = side_by_side(
-            args.runs,
-            {
-                "cp": lambda: copy_seconds(weights, work / "cp"),
-                "cp_fsync": lambda: copy_seconds(weights, work / "cp", durable=True),
-                "convert": convert,
-            },
-            weights,
-            args.cold,
-        )
-        samples["convert_in_process"] = [round(s["seconds"], 3) for s in summaries]
-        peak_rss = max(s["peak_rss"] for s in summaries)
-        baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.hf_to_nemo, torch, safetensors")
-        with tarfile.open(out) as tar:
-            largest_shard = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
+        cmd = [sys.executable, "-m", "neva_tools", "convert", "hf-to-nemo", "--input", str(model), "--output",
+               str(out), "--tp", str(args.tp), "--json", "--no-progress", "-q"]  # fmt: skip
+        modules = "neva_tools.cli.main, neva_tools.convert.hf_to_nemo, torch, safetensors"
+        timing = against_cp("convert", cmd, weights, out, work / "cp", runs=args.runs, cold=args.cold,
+                            baseline_modules=modules)  # fmt: skip
         result = {
             "model_bytes": src_bytes,
             "tp": args.tp,
             "runs": args.runs,
             "page_cache": "cold" if args.cold else "warm",
-            **timing_result("convert", samples, peak_rss, baseline, largest_shard),
+            **timing,
             "output_bytes": out.stat().st_size,
             "output_vs_input_bytes": round(out.stat().st_size / src_bytes, 4),
         }

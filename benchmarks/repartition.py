@@ -16,11 +16,10 @@ import argparse
 import json
 import shutil
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-from common import SHAPES, baseline_rss, copy_seconds, generate_in_child, side_by_side, timed, timing_result
+from common import SHAPES, against_cp, generate_in_child, timed
 
 
 def main() -> int:
@@ -39,36 +38,16 @@ def main() -> int:
         timed([*neva, "convert", "hf-to-nemo", "--input", str(hf), "--output", str(source), "--no-progress", "-q"])
         shutil.rmtree(hf)
         out = work / f"tp{args.tp}.nemo"
-        summaries: list[dict] = []
-
-        def run() -> float:
-            out.unlink(missing_ok=True)
-            seconds, stdout = timed([*neva, "repartition", "--input", str(source), "--output", str(out),
-                                     "--tp", str(args.tp), "--json", "--no-progress", "-q"])  # fmt: skip
-            summaries.append(json.loads(stdout.strip().splitlines()[-1]))
-            return seconds
-
-        samples = side_by_side(
-            args.runs,
-            {
-                "cp": lambda: copy_seconds(source, work / "copy"),
-                "cp_fsync": lambda: copy_seconds(source, work / "copy", durable=True),
-                "repartition": run,
-            },
-            [source],
-            args.cold,
-        )
-        samples["repartition_in_process"] = [round(s["seconds"], 3) for s in summaries]
-        peak_rss = max(s["peak_rss"] for s in summaries)
-        baseline = baseline_rss("neva_tools.cli.main, neva_tools.convert.repartition, torch")
-        with tarfile.open(out) as tar:
-            largest = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
+        cmd = [*neva, "repartition", "--input", str(source), "--output", str(out), "--tp", str(args.tp), "--json",
+               "--no-progress", "-q"]  # fmt: skip
+        timing = against_cp("repartition", cmd, [source], out, work / "copy", runs=args.runs, cold=args.cold,
+                            baseline_modules="neva_tools.cli.main, neva_tools.convert.repartition, torch")  # fmt: skip
         result = {
             "source_bytes": source.stat().st_size,
             "tp": args.tp,
             "runs": args.runs,
             "page_cache": "cold" if args.cold else "warm",
-            **timing_result("repartition", samples, peak_rss, baseline, largest),
+            **timing,
         }
         print(json.dumps(result, indent=2))
     finally:
