@@ -118,13 +118,9 @@ def load_neva(
 
     from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
-    from neva_tools.model.neva import NevaParts, build_neva_model
     from neva_tools.model.vision import (
-        load_mcore_state,
         read_clip_vision,
-        vision_splits,
         vision_state_to_mcore,
-        vision_transformer_config,
     )
 
     if not parallel_state.model_parallel_is_initialized():
@@ -133,7 +129,6 @@ def load_neva(
     cfg = neva_config(nemo)
     template_used = template_name(cfg, template)  # fail before any weights are read
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
     mm = cfg["mm_cfg"]
     projector = str(mm.get("mm_mlp_adapter_type") or "mlp2x_gelu")
     select = int((mm.get("vision_encoder") or {}).get("vision_select_layer", -2))
@@ -149,14 +144,8 @@ def load_neva(
     del state
     llm_path = _llm_source(nemo, cfg, llm)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
-    parts = NevaParts({**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
-                      neva_io.llm_padded_vocab(llm_cfg, vocab, tp),
-                      vision_transformer_config(arch, tp, select_layer=select),
-                      arch.image_size, arch.patch_size, projector)  # fmt: skip
-    model = build_neva_model(parts)
-    neva_io.load_llm(model, llm_path, tp, rank)
-    neva_io.load_projector(model, nemo, projector, tp, rank)
-    load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select))
+    model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
+                               projector_type=projector, projector_from=nemo)  # fmt: skip
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

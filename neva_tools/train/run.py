@@ -82,13 +82,10 @@ def train(cfg: DictConfig) -> Path | None:
     from neva_tools.data.images import ImageProcessor
     from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
-    from neva_tools.model.neva import NevaParts, build_neva_model, freeze
+    from neva_tools.model.neva import freeze
     from neva_tools.model.vision import (
-        load_mcore_state,
         read_clip_vision,
-        vision_splits,
         vision_state_to_mcore,
-        vision_transformer_config,
     )
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.tokenizer.text import TextTokenizer
@@ -101,36 +98,26 @@ def train(cfg: DictConfig) -> Path | None:
 
     for note in advisories(cfg):
         logger.warning("%s", note)
-    problems = check_config(cfg, offline=False)
+    problems = check_config(cfg, offline=False)  # PP, the LLM file, tokenizer vs vocabulary, image tokens vs length…
     if problems:
         listed = "\n  ".join(problems)
         raise NevaError(f"the config has {len(problems)} problem(s); fix them (neva config validate lists them too):"
                         f"\n  {listed}")  # fmt: skip
     m = cfg.model
     tp = int(m.tensor_model_parallel_size)
-    if int(m.pipeline_model_parallel_size) != 1:
-        raise NevaError("pipeline_model_parallel_size > 1 is not supported for NeVA training yet; use TP")
     llm_path = m.mm_cfg.llm.from_pretrained
-    if llm_path is None or not Path(llm_path).exists():
-        raise NevaError(f"model.mm_cfg.llm.from_pretrained {llm_path!r} is not an existing .nemo")
     run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
     save_run_config(cfg, run_dir)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
     tokenizer = (
         Path(m.tokenizer.model) if m.tokenizer.model else neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
     )
-    if TextTokenizer(tokenizer).vocab_size > vocab:
-        raise NevaError(f"tokenizer {tokenizer} has {TextTokenizer(tokenizer).vocab_size} tokens but the LLM's "
-                        f"vocabulary is {vocab}; extend the embedding or use the LLM's tokenizer")  # fmt: skip
     source, pretrained = _vision_source(m.mm_cfg.vision_encoder)
     select = int(m.mm_cfg.vision_encoder.vision_select_layer)
     state, arch, kind = read_clip_vision(source, pretrained=pretrained)  # CLIP or SigLIP
     vision_full = vision_state_to_mcore(state, arch, kind, select_layer=select)
     del state
     image_tokens = (arch.image_size // arch.patch_size) ** 2
-    if image_tokens >= int(m.data.max_seq_length):
-        raise NevaError(f"an image becomes {image_tokens} tokens, not less than model.data.max_seq_length "
-                        f"({m.data.max_seq_length})")  # fmt: skip
     processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio)
     dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
@@ -141,19 +128,12 @@ def train(cfg: DictConfig) -> Path | None:
                     dataset.plan.capacity, 100 * dataset.plan.fill_ratio)  # fmt: skip
     projector = str(m.mm_cfg.mm_mlp_adapter_type)
     freeze_llm, freeze_vision = bool(m.mm_cfg.llm.freeze), bool(m.mm_cfg.vision_encoder.freeze)
-    llm_run_cfg = {**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1}
 
     def build() -> Any:
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        parts = NevaParts(llm_run_cfg, neva_io.llm_padded_vocab(llm_cfg, vocab, tp),
-                          vision_transformer_config(arch, tp, select_layer=select), arch.image_size,
-                          arch.patch_size, projector)  # fmt: skip
-        model = build_neva_model(parts)
+        adapter = m.mm_cfg.pretrain_mm_mlp_adapter
+        model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
+                                   projector_type=projector, projector_from=adapter)  # fmt: skip
         mask_padded_vocab(model.language_model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
-        neva_io.load_llm(model, llm_path, tp, rank)
-        load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select))
-        if m.mm_cfg.pretrain_mm_mlp_adapter:
-            neva_io.load_projector(model, m.mm_cfg.pretrain_mm_mlp_adapter, projector, tp, rank)
         freeze(model, llm=freeze_llm, vision=freeze_vision)
         return model
 
