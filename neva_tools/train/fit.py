@@ -176,3 +176,15 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, resume: Path | None, co
     if final.output is not None:
         logger.info("final model: %s; logs and loss.png: %s", final.output, log_dir)
     return final.output
+
+
+def loader_workers(num_workers: int) -> dict[str, Any]:
+    """``DataLoader`` worker options: workers start from a fork server, not by forking the training process.
+
+    Forking a process that runs threads (TensorBoard's writer, torch's pools, gloo) can leave the child stuck
+    inside ``fork`` on a lock another thread held; seen here once as a rank waiting forever for its first batch
+    while the other rank waited in an all-reduce. Persistent workers pay the start-up once per run.
+    """
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": "forkserver", "persistent_workers": True}

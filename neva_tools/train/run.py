@@ -8,6 +8,7 @@ run's NeVA ``.nemo`` with ``loss.png`` beside the logs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,14 @@ def train(cfg: DictConfig) -> Path | None:
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.tokenizer.text import TextTokenizer
     from neva_tools.train import checkpoint as ckpt
-    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, fit, make_trainer
+    from neva_tools.train.fit import (
+        PeriodicCheckpoint,
+        TrainerSettings,
+        consumed_samples,
+        fit,
+        loader_workers,
+        make_trainer,
+    )
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.optim import OptimSettings
     from neva_tools.train.sampler import ResumableSampler
@@ -152,7 +160,8 @@ def train(cfg: DictConfig) -> Path | None:
                                    dp_size=parallel_state.get_data_parallel_world_size(), seed=int(m.seed),
                                    consumed_samples=consumed)  # fmt: skip
         return DataLoader(dataset, batch_size=settings.micro_batch_size, sampler=sampler,
-                          num_workers=int(m.data.num_workers), collate_fn=lambda b: collate(b, pad_id))  # fmt: skip
+                          collate_fn=functools.partial(collate, pad_id=pad_id),
+                          **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
     o = m.optim
     optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),

@@ -11,6 +11,7 @@ validation split is logged as ``val_loss`` (also ``val_loss.csv``). At the end t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -121,7 +122,14 @@ def train_text(cfg: DictConfig) -> Path | None:
     from neva_tools.model.gpt import gpt_model_kwargs
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.train import checkpoint as ckpt
-    from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, fit, make_trainer
+    from neva_tools.train.fit import (
+        PeriodicCheckpoint,
+        TrainerSettings,
+        consumed_samples,
+        fit,
+        loader_workers,
+        make_trainer,
+    )
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.optim import OptimSettings
     from neva_tools.train.run import trainer_precision
@@ -178,7 +186,8 @@ def train_text(cfg: DictConfig) -> Path | None:
                                    dp_size=parallel_state.get_data_parallel_world_size(), shuffle=False,
                                    consumed_samples=consumed)  # fmt: skip
         return DataLoader(datasets["train"], batch_size=settings.micro_batch_size, sampler=sampler,
-                          num_workers=int(m.data.num_workers), collate_fn=lambda b: collate_text(b, vocab))  # fmt: skip
+                          collate_fn=functools.partial(collate_text, vocab_size=vocab),
+                          **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
     def build() -> Any:
         model = load_gpt_from_nemo(llm_path)[0]
