@@ -67,10 +67,3 @@ def use_sdpa(spec: Any) -> Any:
         raise TypeError(f"expected a local spec with DotProductAttention, found {attention.core_attention}")
     attention.core_attention = SdpaDotProductAttention
     return spec
-
-
-def gpt_local_spec(normalization: str) -> Any:
-    """megatron-core's local GPT layer spec (no Transformer Engine) with SDPA core attention."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    return use_sdpa(get_gpt_layer_local_spec(normalization=normalization))

@@ -248,7 +248,7 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from neva_tools.model.attention import gpt_local_spec
+    from neva_tools.model.specs import gpt_local_spec
 
     config = transformer_config_from_nemo(cfg, params_dtype=params_dtype)
     tp = config.tensor_model_parallel_size

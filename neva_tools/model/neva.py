@@ -57,7 +57,8 @@ def build_neva_model(parts: NevaParts) -> Any:
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
-    from neva_tools.model.attention import gpt_local_spec
+    from neva_tools.model.specs import gpt_local_spec
+    from neva_tools.model.supervised_logits import supervised_logits_only
     from neva_tools.model.vision import drop_post_norm, vit_layer_spec
 
     siglip = parts.vision_config.vision_model_type == "siglip"  # no class token to drop (LLaVAModel asserts so)
@@ -96,6 +97,7 @@ def build_neva_model(parts: NevaParts) -> Any:
         img_w=covered,
         patch_dim=parts.patch_size,
     )
+    supervised_logits_only(model.language_model)  # image and prompt positions get no logits in training
     if siglip:
         drop_post_norm(model.vision_model)  # features are layer outputs without a final norm, as for CLIP
     if kwargs.get("seq_len_interpolation_factor"):

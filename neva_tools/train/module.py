@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from neva_tools.data.packing import packed_attention_mask
+from neva_tools.data.templates import IGNORE_INDEX
 from neva_tools.train.optim import OptimSettings, build_optimizer
 from neva_tools.train.schedule import cosine_annealing
 from neva_tools.train.strategy import clip_tp_grads
@@ -56,7 +57,7 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
         batch["input_ids"],
         batch["position_ids"],
         attention_mask,
-        labels=labels.clamp(min=0),
+        labels=torch.where(loss_mask > 0, labels, IGNORE_INDEX),  # no logits where there is no loss
         loss_mask=loss_mask,
         num_image_tiles=batch.get("num_image_tiles"),
     )

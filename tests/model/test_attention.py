@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neva_tools.model.attention import SdpaDotProductAttention, gpt_local_spec, use_sdpa
+from neva_tools.model.attention import SdpaDotProductAttention, use_sdpa
+from neva_tools.model.specs import gpt_local_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed

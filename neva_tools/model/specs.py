@@ -1,0 +1,16 @@
+"""The transformer-layer spec our GPT and NeVA language models are built with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def gpt_local_spec(normalization: str) -> Any:
+    """megatron-core's local GPT layer spec (no Transformer Engine) with SDPA core attention
+    (:mod:`neva_tools.model.attention`) and the single-function SwiGLU MLP (:mod:`neva_tools.model.swiglu`)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from neva_tools.model.attention import use_sdpa
+    from neva_tools.model.swiglu import use_swiglu_mlp
+
+    return use_swiglu_mlp(use_sdpa(get_gpt_layer_local_spec(normalization=normalization)))

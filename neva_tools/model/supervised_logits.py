@@ -1,0 +1,90 @@
+"""Output layer and cross-entropy only where a position has a label.
+
+megatron-core's ``GPTModel`` computes the logits of every position and the cross-entropy of every position, and the
+caller multiplies the loss by its mask. In NeVA most positions carry no label: a LLaVA-1.5 pretraining sample has
+576 image embeddings and a few dozen caption tokens, and finetuning masks the prompt too. The output layer
+(``hidden × vocab``) and the ``[positions, vocab]`` logits of those positions are wasted work and memory.
+
+:func:`supervised_logits_only` hooks one ``GPTModel`` (NeVA's ``language_model`` or a text GPT):
+
+- a forward pre-hook on the model reads ``labels`` (``[b, s]``; a negative label means "no loss here", as
+  ``IGNORE_INDEX`` -100 that LLaVAModel gives image positions);
+- a forward pre-hook on ``output_layer`` keeps only the hidden states of labelled positions (``[n, 1, h]``);
+- ``compute_language_model_loss`` computes the cross-entropy of those ``n`` positions and scatters it into the
+  ``[b, s]`` loss the caller expects (0 elsewhere, where the caller's mask is 0 as well).
+
+Weights, state-dict keys and the loss at labelled positions are unchanged; inference (no labels) is untouched.
+With sequence parallelism the output layer gathers the sequence itself, so nothing is selected there. On one TP
+rank the cross-entropy is ``torch.nn.functional.cross_entropy`` (one fused kernel); across ranks it is megatron's
+vocab-parallel cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class _Selection:
+    """Labelled positions of the current forward pass, shared by the hooks of one model."""
+
+    def __init__(self) -> None:
+        self.where: torch.Tensor | None = None  # [s, b] bool
+        self.labels: torch.Tensor | None = None  # [n] labels of the selected positions
+
+
+def _tp_size(module: torch.nn.Module) -> int:
+    from megatron.core import parallel_state
+
+    group = getattr(getattr(module, "pg_collection", None), "tp", None)
+    return group.size() if group is not None else parallel_state.get_tensor_model_parallel_world_size()
+
+
+def supervised_logits_only(model: torch.nn.Module) -> None:
+    """Make ``model`` (a megatron-core ``GPTModel`` with an output layer) compute logits only at labelled
+    positions when it is called with ``labels``."""
+    from megatron.core import tensor_parallel
+
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is None or getattr(output_layer, "sequence_parallel", False):
+        return
+    state = _Selection()
+    full_loss = model.compute_language_model_loss
+    tp = _tp_size(model)
+
+    def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        labels = kwargs.get("labels")
+        state.where = state.labels = None
+        if labels is None:
+            return
+        where = labels.t() >= 0  # [s, b]
+        if bool(where.all()):
+            return  # every position is labelled: nothing to skip
+        state.where, state.labels = where, labels.t()[where]
+
+    def select(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if state.where is None:
+            return None
+        hidden = args[0]
+        if hidden.shape[:2] != state.where.shape:
+            raise RuntimeError(f"output layer input {tuple(hidden.shape)} does not match labels "
+                               f"{tuple(state.where.shape)} (sequence-parallel or pipeline input?)")  # fmt: skip
+        return (hidden[state.where].unsqueeze(1), *args[1:]), kwargs
+
+    def loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        where, picked = state.where, state.labels
+        if where is None:
+            return full_loss(labels, logits)
+        state.where = state.labels = None
+        if tp == 1:
+            flat = torch.nn.functional.cross_entropy(logits[:, 0].float(), picked, reduction="none")
+        else:
+            flat = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), picked.unsqueeze(1))[:, 0]
+        out = flat.new_zeros(where.shape)
+        out[where] = flat
+        return out.t()  # [b, s]
+
+    model.register_forward_pre_hook(start, with_kwargs=True)
+    output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    model.compute_language_model_loss = loss

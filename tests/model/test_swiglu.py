@@ -1,0 +1,88 @@
+"""The single-function SwiGLU MLP equals megatron-core's MLP: outputs and every gradient."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neva_tools.model.gpt import transformer_config_from_nemo
+from neva_tools.model.swiglu import SwiGLU, SwiGluMLP, use_swiglu_mlp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_helpers import in_process_distributed
+from neva_tiny import TINY_GPT
+
+
+@pytest.fixture(scope="module")
+def dist() -> Iterator[None]:
+    with in_process_distributed(tp=1):
+        yield
+
+
+def test_function_matches_chunked_reference() -> None:
+    y = torch.randn(5, 3, 2 * 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (y,))
+    grad = torch.randn(5, 3, 7, dtype=torch.float64)
+    ours = SwiGLU.apply(y)
+    (g_ours,) = torch.autograd.grad(ours, y, grad)
+    gate, up = torch.chunk(y, 2, dim=-1)
+    ref = F.silu(gate) * up
+    (g_ref,) = torch.autograd.grad(ref, y, grad)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def _pair(config: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.mlp import MLP
+
+    submodules = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp.submodules
+    torch.manual_seed(0)
+    ref = MLP(config, submodules)
+    ours = SwiGluMLP(config, submodules)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_mlp_equals_megatron_mlp(dist: None, gated: bool) -> None:
+    config = transformer_config_from_nemo(TINY_GPT if gated else {**TINY_GPT, "activation": "gelu"})
+    ref, ours = _pair(config)
+    assert ours._plain_swiglu is gated  # gelu (not gated) goes to megatron-core's own forward
+    x = torch.randn(6, 2, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    results = []
+    for module in (ref, ours):
+        inp = x.clone().requires_grad_()
+        out, bias = module(inp)
+        assert bias is None
+        out.square().sum().backward()
+        results.append((out.detach(), inp.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out_r, gin_r, gp_r), (out_o, gin_o, gp_o) = results
+    torch.testing.assert_close(out_o, out_r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gin_o, gin_r, rtol=1e-6, atol=1e-6)
+    assert gp_o.keys() == gp_r.keys()
+    for name in gp_r:
+        torch.testing.assert_close(gp_o[name], gp_r[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_offset_glu_goes_to_megatron_forward(dist: None) -> None:
+    config = dataclasses.replace(transformer_config_from_nemo(TINY_GPT), glu_linear_offset=1.0)
+    ref, ours = _pair(config)
+    assert not ours._plain_swiglu
+    x = torch.randn(4, 2, config.hidden_size)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+def test_spec_swap_refuses_an_unexpected_spec() -> None:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = use_swiglu_mlp(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    assert spec.submodules.mlp.module is SwiGluMLP
+    with pytest.raises(TypeError, match="dense megatron-core MLP"):
+        use_swiglu_mlp(spec)
