@@ -21,7 +21,13 @@ from megatron.core.transformer.enums import AttnMaskType
 
 
 class SdpaDotProductAttention(DotProductAttention):
-    """``DotProductAttention`` computed by ``scaled_dot_product_attention`` (same inputs, outputs and parameters)."""
+    """``DotProductAttention`` computed by ``scaled_dot_product_attention`` (same inputs, outputs and parameters).
+
+    ``rotary`` (query and key frequencies) is set for one call by :class:`~neva_tools.model.rope.RopeSelfAttention`,
+    which leaves plain RoPE to this class.
+    """
+
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -31,8 +37,14 @@ class SdpaDotProductAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)  # fmt: skip
         assert packed_seq_params is None, "packed sequences use a block-diagonal attention_mask with the local spec"
+        if self.rotary is not None:
+            from neva_tools.model.rope import rotate
+
+            query, key = rotate(query, self.rotary[0]), rotate(key, self.rotary[1])
         sq, sk = query.size(0), key.size(0)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        # [b, heads, s, hn], contiguous: megatron's [s, b, ...] views put consecutive positions b × heads × hn apart,
+        # which the fused CPU kernel walks more slowly than one copy costs (about 1% of a training step)
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         is_causal, allowed = False, None

@@ -1,10 +1,11 @@
 """SwiGLU for megatron-core's unfused MLP path, as one autograd function.
 
-Without ``bias_activation_fusion`` (always so on CPU, where the fusions are off), megatron-core's ``MLP`` computes
-``silu(gate) * (up + glu_linear_offset)`` from ``torch.chunk`` views of ``linear_fc1``'s output. Autograd then keeps
-both halves and a temporary, adds the zero offset, and the backward of ``chunk`` concatenates the two half
-gradients into a new tensor. :class:`SwiGLU` keeps only ``linear_fc1``'s output and writes both half gradients
-straight into one tensor. Same values, same parameters and state-dict keys.
+Without ``bias_activation_fusion`` (always so on CPU, where the fusions are off), megatron-core's ``MLP``
+computes ``silu(gate) * (up + glu_linear_offset)`` from ``torch.chunk`` views of ``linear_fc1``'s output. Autograd
+then keeps that output, ``silu(gate)`` and the sum ``up + 0`` (four half-widths), and the backward of ``chunk``
+concatenates the two half gradients into a new tensor. :class:`SwiGLU` keeps ``linear_fc1``'s output and
+``silu(gate)`` (three half-widths) and writes both half gradients straight into one tensor. Same values, same
+parameters and state-dict keys.
 
 :class:`SwiGluMLP` is megatron-core's ``MLP`` using it; every other configuration (fused bias-activation, clamped
 or offset GLU, per-token scales, Transformer Engine activations) goes to megatron-core's own ``forward``.
@@ -25,16 +26,17 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
         gate, up = torch.chunk(y, 2, dim=-1)
-        ctx.save_for_backward(y)
-        return F.silu(gate) * up
+        activated = F.silu(gate)
+        ctx.save_for_backward(y, activated)
+        return activated * up
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
+        y, activated = ctx.saved_tensors
         gate, up = torch.chunk(y, 2, dim=-1)
         grad_y = torch.empty_like(y)
         grad_gate, grad_up = torch.chunk(grad_y, 2, dim=-1)
-        torch.mul(F.silu(gate), grad, out=grad_up)
+        torch.mul(activated, grad, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
         return grad_y
 
