@@ -197,6 +197,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
     parser.add_argument("--hf-attn", choices=("sdpa", "eager"), default="sdpa",
                         help="HF attention implementation (default sdpa)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads for both models (default: torch's choice)")  # fmt: skip
     parser.add_argument("--order", choices=("alternate", "sequential"), default="alternate",
                         help="timed steps interleaved ours/HF (default) or all of ours, then all of HF")  # fmt: skip
     args = parser.parse_args()
@@ -211,6 +213,8 @@ def main() -> int:
 
     from neva_tools.model.parallel import destroy_distributed, init_distributed
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     init_distributed(tp=1, seed=1234)
     try:

@@ -62,5 +62,7 @@ def build_optimizer(model: torch.nn.Module, settings: OptimSettings) -> torch.op
     groups = param_groups(model.named_parameters(), settings)
     if not groups:
         raise ValueError("the model has no trainable parameters: check the freeze settings")
+    # fused: one kernel per parameter (CPU and CUDA), no per-step temporaries the size of each parameter
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                             weight_decay=settings.weight_decay)  # fmt: skip
+                             weight_decay=settings.weight_decay, fused=fused or None)  # fmt: skip
