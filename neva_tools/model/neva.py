@@ -52,8 +52,12 @@ def projector_config(language: Any, projector_type: str) -> Any:
     )
 
 
-def build_neva_model(parts: NevaParts) -> Any:
-    """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random)."""
+def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any:
+    """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random).
+
+    ``supervised_logits``: in training, logits and cross-entropy only at labelled positions
+    (:mod:`neva_tools.model.supervised_logits`; off only to measure what it saves).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
@@ -97,7 +101,8 @@ def build_neva_model(parts: NevaParts) -> Any:
         img_w=covered,
         patch_dim=parts.patch_size,
     )
-    supervised_logits_only(model.language_model)  # image and prompt positions get no logits in training
+    if supervised_logits:
+        supervised_logits_only(model.language_model)  # image and prompt positions get no logits in training
     if siglip:
         drop_post_norm(model.vision_model)  # features are layer outputs without a final norm, as for CLIP
     if kwargs.get("seq_len_interpolation_factor"):

@@ -41,14 +41,26 @@ def _tp_size(module: torch.nn.Module) -> int:
     return group.size() if group is not None else parallel_state.get_tensor_model_parallel_world_size()
 
 
-def supervised_logits_only(model: torch.nn.Module) -> None:
+class Undo:
+    """Removes the hooks of :func:`supervised_logits_only` again (``remove()``)."""
+
+    def __init__(self, model: torch.nn.Module, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+        self.model, self.handles = model, handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.model.__dict__.pop("compute_language_model_loss", None)  # back to the class's method
+
+
+def supervised_logits_only(model: torch.nn.Module) -> Undo | None:
     """Make ``model`` (a megatron-core ``GPTModel`` with an output layer) compute logits only at labelled
-    positions when it is called with ``labels``."""
+    positions when it is called with ``labels``; ``None`` when it has no output layer or is sequence-parallel."""
     from megatron.core import tensor_parallel
 
     output_layer = getattr(model, "output_layer", None)
     if output_layer is None or getattr(output_layer, "sequence_parallel", False):
-        return
+        return None
     state = _Selection()
     full_loss = model.compute_language_model_loss
     tp = _tp_size(model)
@@ -85,6 +97,7 @@ def supervised_logits_only(model: torch.nn.Module) -> None:
         out[where] = flat
         return out.t()  # [b, s]
 
-    model.register_forward_pre_hook(start, with_kwargs=True)
-    output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    handles = [model.register_forward_pre_hook(start, with_kwargs=True),
+               output_layer.register_forward_pre_hook(select, with_kwargs=True)]  # fmt: skip
     model.compute_language_model_loss = loss
+    return Undo(model, handles)

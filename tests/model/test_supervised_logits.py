@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed, run_distributed
-from neva_tiny import VOCAB, batch, build
+from neva_tiny import TINY_GPT, VOCAB, batch, build
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,27 @@ def test_tp2_vocab_parallel_loss_equals_tp1() -> None:
     assert len(tp1) > 0
     for per_rank in tp2:
         assert max(abs(a - b) for a, b in zip(per_rank, tp1, strict=True)) <= 1e-5
+
+
+def test_remove_restores_full_logits(dist: None) -> None:
+    from neva_tools.model.gpt import build_gpt_model
+    from neva_tools.model.supervised_logits import supervised_logits_only
+
+    torch.manual_seed(0)
+    gpt = build_gpt_model(TINY_GPT, padded_vocab_size=VOCAB)
+    rows: list[int] = []
+    gpt.output_layer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2].numel()))
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    labels = tokens.roll(-1, dims=1)
+    labels[:, :4] = -100  # a prompt without loss
+    positions = torch.arange(10).expand(2, -1)
+    undo = supervised_logits_only(gpt)
+    assert undo is not None
+    with torch.no_grad():
+        selected = gpt(tokens, positions, None, labels=labels)
+    undo.remove()
+    with torch.no_grad():
+        full = gpt(tokens, positions, None, labels=labels.clamp(min=0))
+    assert rows == [12, 20]  # 6 labelled positions per sample, then every position
+    assert float(selected[labels < 0].abs().max()) == 0.0
+    torch.testing.assert_close(selected[labels >= 0], full[labels >= 0], atol=1e-6, rtol=1e-6)
