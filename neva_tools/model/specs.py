@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+
+class _SubclassedMlpFilter(logging.Filter):
+    """megatron-core's ``TransformerLayer`` logs "Unknown MLP type ... Using default kwargs" for any MLP class other
+    than ``MLP`` itself, once per layer. For :class:`~neva_tools.model.swiglu.SwiGluMLP` (an ``MLP`` subclass) the
+    default is the same TP group the layer would pass, so the message says nothing; this filter drops it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+_FILTER = _SubclassedMlpFilter()
 
 
 def gpt_local_spec(normalization: str) -> Any:
@@ -17,5 +30,8 @@ def gpt_local_spec(normalization: str) -> Any:
     from neva_tools.model.rope import use_rope_self_attention
     from neva_tools.model.swiglu import use_swiglu_mlp
 
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if _FILTER not in layer_logger.filters:
+        layer_logger.addFilter(_FILTER)
     spec = use_sdpa(get_gpt_layer_local_spec(normalization=normalization))
     return use_tp1_linears(use_swiglu_mlp(use_rope_self_attention(spec)))

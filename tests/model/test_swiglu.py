@@ -86,3 +86,12 @@ def test_spec_swap_refuses_an_unexpected_spec() -> None:
     assert spec.submodules.mlp.module is SwiGluMLP
     with pytest.raises(TypeError, match="dense megatron-core MLP"):
         use_swiglu_mlp(spec)
+
+
+def test_building_a_gpt_logs_no_unknown_mlp_warning(dist: None, caplog: pytest.LogCaptureFixture) -> None:
+    from neva_tools.model.gpt import build_gpt_model
+
+    with caplog.at_level("WARNING"):
+        model = build_gpt_model(TINY_GPT, padded_vocab_size=128)
+    assert isinstance(model.decoder.layers[0].mlp, SwiGluMLP)
+    assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
