@@ -34,13 +34,6 @@ class _Selection:
         self.labels: torch.Tensor | None = None  # [n] labels of the selected positions
 
 
-def _tp_size(module: torch.nn.Module) -> int:
-    from megatron.core import parallel_state
-
-    group = getattr(getattr(module, "pg_collection", None), "tp", None)
-    return group.size() if group is not None else parallel_state.get_tensor_model_parallel_world_size()
-
-
 class Undo:
     """Removes the hooks of :func:`supervised_logits_only` again (``remove()``)."""
 
@@ -57,13 +50,14 @@ def supervised_logits_only(model: torch.nn.Module) -> Undo | None:
     """Make ``model`` (a megatron-core ``GPTModel`` with an output layer) compute logits only at labelled
     positions when it is called with ``labels``; ``None`` when it has no output layer or is sequence-parallel."""
     from megatron.core import tensor_parallel
+    from megatron.core.utils import get_pg_size
 
     output_layer = getattr(model, "output_layer", None)
     if output_layer is None or getattr(output_layer, "sequence_parallel", False):
         return None
     state = _Selection()
     full_loss = model.compute_language_model_loss
-    tp = _tp_size(model)
+    tp = get_pg_size(output_layer.tp_group)  # the group its vocabulary is split over
 
     def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
