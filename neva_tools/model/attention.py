@@ -19,6 +19,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from neva_tools.model.rope import rotate
+
 
 class SdpaDotProductAttention(DotProductAttention):
     """``DotProductAttention`` computed by ``scaled_dot_product_attention`` (same inputs, outputs and parameters).
@@ -38,8 +40,6 @@ class SdpaDotProductAttention(DotProductAttention):
                                    packed_seq_params)  # fmt: skip
         assert packed_seq_params is None, "packed sequences use a block-diagonal attention_mask with the local spec"
         if self.rotary is not None:
-            from neva_tools.model.rope import rotate
-
             query, key = rotate(query, self.rotary[0]), rotate(key, self.rotary[1])
         sq, sk = query.size(0), key.size(0)
         # [b, heads, s, hn], contiguous: megatron's [s, b, ...] views put consecutive positions b × heads × hn apart,
