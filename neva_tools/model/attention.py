@@ -19,7 +19,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from neva_tools.model.rope import rotate
+from neva_tools.model.rope import rope_to_heads
 
 
 class SdpaDotProductAttention(DotProductAttention):
@@ -39,12 +39,14 @@ class SdpaDotProductAttention(DotProductAttention):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)  # fmt: skip
         assert packed_seq_params is None, "packed sequences use a block-diagonal attention_mask with the local spec"
-        if self.rotary is not None:
-            query, key = rotate(query, self.rotary[0]), rotate(key, self.rotary[1])
         sq, sk = query.size(0), key.size(0)
         # [b, heads, s, hn], contiguous: megatron's [s, b, ...] views put consecutive positions b × heads × hn apart,
         # which the fused CPU kernel walks more slowly than one copy costs (about 1% of a training step)
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        v = value.permute(1, 2, 0, 3).contiguous()
+        if self.rotary is not None:  # RoPE and that copy in one pass
+            q, k = rope_to_heads(query, self.rotary[0]), rope_to_heads(key, self.rotary[1])
+        else:
+            q, k = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key))
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         is_causal, allowed = False, None

@@ -248,7 +248,7 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    from neva_tools.model.specs import gpt_local_spec
+    from neva_tools.model.specs import gpt_block_spec
 
     config = transformer_config_from_nemo(cfg, params_dtype=params_dtype)
     tp = config.tensor_model_parallel_size
@@ -273,7 +273,7 @@ def build_gpt_model(
                 f"call init_distributed with the same sizes as the config"
             )
     kwargs = gpt_model_kwargs(cfg)
-    spec = gpt_local_spec(config.normalization)
+    spec = gpt_block_spec(config)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

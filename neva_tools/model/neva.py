@@ -61,7 +61,7 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
 
-    from neva_tools.model.specs import gpt_local_spec
+    from neva_tools.model.specs import gpt_block_spec
     from neva_tools.model.supervised_logits import supervised_logits_only
     from neva_tools.model.vision import drop_post_norm, vit_layer_spec
 
@@ -81,7 +81,7 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
     projection = projector_config(language, parts.projector_type)
     model = LLaVAModel(
         language_transformer_config=language,
-        language_transformer_layer_spec=gpt_local_spec(language.normalization),
+        language_transformer_layer_spec=gpt_block_spec(language),
         language_vocab_size=parts.padded_vocab_size,
         language_max_sequence_length=kwargs["max_sequence_length"],
         vision_transformer_config=parts.vision_config,

@@ -4,8 +4,9 @@ megatron-core's unfused ``_apply_rotary_pos_emb_bshd`` splits query and key into
 part, rotates, and concatenates the two again, even when the pass-through part is empty (``rotary_percent`` 1.0,
 as in every LLaMA-style model). The forward then copies query and key once more, and the backward builds two
 zero-filled full-size gradients for the slices and adds them. :class:`RopeSelfAttention` hands the rotary
-frequencies to :class:`~neva_tools.model.attention.SdpaDotProductAttention`, which applies :func:`rotate`
-(the same arithmetic, ``t * cos + rotate_half(t) * sin``) just before attention.
+frequencies to :class:`~neva_tools.model.attention.SdpaDotProductAttention`, which applies :func:`rope_to_heads`
+(the same arithmetic, ``t * cos + rotate_half(t) * sin``) while it moves query and key into SDPA's
+``[b, heads, s, d]`` layout, one pass each way instead of megatron-core's five elementwise operations and a copy.
 
 Only the plain case goes this way: training (no inference context), no packed THD sequences, no context parallelism,
 non-interleaved rotary over the whole head, no YaRN scale, no fused RoPE and no activation recompute. Everything else
@@ -20,11 +21,38 @@ import torch
 from megatron.core.transformer.attention import SelfAttention
 
 
-def rotate(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """RoPE of ``t`` (``[s, b, heads, d]``) with ``freqs`` (``[s, 1, 1, d]``, the two halves repeated)."""
-    cos, sin = torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype)
-    first, second = torch.chunk(t, 2, dim=-1)
-    return t * cos + torch.cat((-second, first), dim=-1) * sin
+class _RopeToHeads(torch.autograd.Function):
+    """RoPE of ``t`` ``[s, b, heads, d]`` written straight into a new contiguous ``[b, heads, s, d]`` tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        s, b, heads, d = t.shape
+        half = d // 2
+        cos, sin = (f(freqs).to(t.dtype).permute(1, 2, 0, 3) for f in (torch.cos, torch.sin))  # [1, 1, s, d]
+        source = t.permute(1, 2, 0, 3)
+        out = torch.empty(b, heads, s, d, dtype=t.dtype, device=t.device)
+        first, second = source[..., :half], source[..., half:]
+        torch.mul(first, cos[..., :half], out=out[..., :half]).addcmul_(second, sin[..., :half], value=-1)
+        torch.mul(second, cos[..., half:], out=out[..., half:]).addcmul_(first, sin[..., half:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        grad_t = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        first, second = grad[..., :half], grad[..., half:]
+        torch.mul(first, cos[..., :half], out=grad_t[..., :half]).addcmul_(second, sin[..., half:])
+        torch.mul(second, cos[..., half:], out=grad_t[..., half:]).addcmul_(first, sin[..., :half], value=-1)
+        return grad_t.permute(2, 0, 1, 3), None  # back to [s, b, heads, d]
+
+
+def rope_to_heads(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``t`` (``[s, b, heads, d]``, any strides) with ``freqs`` (``[s, 1, 1, d]``), as megatron-core's
+    ``t * cos + rotate_half(t) * sin``, returned as a contiguous ``[b, heads, s, d]`` tensor (SDPA's layout):
+    the rotation and the layout change are one pass forward and one backward."""
+    return _RopeToHeads.apply(t, freqs)
 
 
 class RopeSelfAttention(SelfAttention):

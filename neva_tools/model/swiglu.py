@@ -7,6 +7,12 @@ concatenates the two half gradients into a new tensor. :class:`SwiGLU` keeps ``l
 ``silu(gate)`` (three half-widths) and writes both half gradients straight into one tensor. Same values, same
 parameters and state-dict keys.
 
+When ``linear_fc1`` is a plain linear (one TP rank, no bias; :mod:`neva_tools.model.linear`), :class:`LinearSwiGLU`
+goes one step further and takes the linear in: it multiplies by the gate and the up halves of the weight separately,
+so ``gate`` and ``up`` come out contiguous and every elementwise pass of SwiGLU, forward and backward, runs on
+contiguous memory (on the halves of one ``[tokens, 2f]`` tensor they are strided and, on the CPU, measurably
+slower); the two weight-gradient halves are written into one tensor.
+
 :class:`SwiGluMLP` is megatron-core's ``MLP`` using it; every other configuration (fused bias-activation, clamped
 or offset GLU, per-token scales, Transformer Engine activations) goes to megatron-core's own ``forward``.
 """
@@ -41,6 +47,41 @@ class SwiGLU(torch.autograd.Function):
         return grad_y
 
 
+class LinearSwiGLU(torch.autograd.Function):
+    """``silu(x @ W[:f].T) * (x @ W[f:].T)`` for ``W`` of shape ``[2f, h]``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        f = weight.shape[0] // 2
+        gate, up = F.linear(x, weight[:f]), F.linear(x, weight[f:])
+        activated = F.silu(gate)
+        ctx.save_for_backward(x, weight, gate, up, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight, gate, up, activated = ctx.saved_tensors
+        f = weight.shape[0] // 2
+        grad_up = (grad * activated).reshape(-1, f)
+        grad_gate = grad * up
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        grad_gate = grad_gate.reshape(-1, f)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_gate, weight[:f]).addmm_(grad_up, weight[f:]).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            flat = x.reshape(-1, x.shape[-1])
+            grad_weight = torch.empty_like(weight)
+            torch.mm(grad_gate.t(), flat, out=grad_weight[:f])
+            torch.mm(grad_up.t(), flat, out=grad_weight[f:])
+        return grad_x, grad_weight
+
+
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of ``x @ weight.T`` (gate rows first) computed by :class:`LinearSwiGLU`."""
+    return LinearSwiGLU.apply(x, weight)
+
+
 def swiglu(y: torch.Tensor) -> torch.Tensor:
     """SwiGLU of ``linear_fc1``'s output (gate half first, as megatron-core lays it out on every TP rank)."""
     return SwiGLU.apply(y)
@@ -61,6 +102,9 @@ class SwiGluMLP(MLP):
                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
         if not self._plain_swiglu or per_token_scale is not None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
+        fc1 = self.linear_fc1
+        if getattr(fc1, "_single_rank", False) and fc1.bias is None:
+            return self.linear_fc2(linear_swiglu(hidden_states, fc1.weight))
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             intermediate = intermediate + bias

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neva_tools.model.gpt import build_gpt_model, gpt_model_kwargs, transformer_config_from_nemo
-from neva_tools.model.rope import RopeSelfAttention, rotate, use_rope_self_attention
+from neva_tools.model.rope import RopeSelfAttention, rope_to_heads, use_rope_self_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed
@@ -26,19 +26,27 @@ def dist() -> Iterator[None]:
         yield
 
 
-def test_rotate_equals_megatron_rope(dist: None) -> None:
+@pytest.mark.parametrize("strided", [False, True])
+def test_rope_to_heads_equals_megatron_rope(dist: None, strided: bool) -> None:
+    """Values and gradients equal megatron's RoPE followed by the move to ``[b, heads, s, d]``, also for a strided
+    input (a slice of a fused QKV projection, as attention gets it)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     freqs = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)(12)  # [s, 1, 1, d]
-    t = torch.randn(12, 2, 3, 16, requires_grad=True)
-    grad = torch.randn(12, 2, 3, 16)
-    ours = rotate(t, freqs)
-    (g_ours,) = torch.autograd.grad(ours, t, grad)
-    ref = _apply_rotary_pos_emb_bshd(t, freqs)
-    (g_ref,) = torch.autograd.grad(ref, t, grad)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
-    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 2, 3, 32 if strided else 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = base[..., 8:24] if strided else base
+    grad = torch.randn(2, 3, 12, 16, dtype=torch.float64, generator=g)
+    ours = rope_to_heads(t, freqs.double())
+    assert ours.shape == (2, 3, 12, 16) and ours.is_contiguous()
+    (g_ours,) = torch.autograd.grad(ours, base, grad)
+    ref = _apply_rotary_pos_emb_bshd(t, freqs.double()).permute(1, 2, 0, 3)
+    (g_ref,) = torch.autograd.grad(ref, base, grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    if strided:
+        assert g_ours[..., :8].abs().max() == 0 and g_ours[..., 24:].abs().max() == 0
 
 
 def _reference(cfg: dict[str, Any], ours: torch.nn.Module) -> torch.nn.Module:

@@ -6,13 +6,14 @@ import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from neva_tools.model.gpt import transformer_config_from_nemo
-from neva_tools.model.swiglu import SwiGLU, SwiGluMLP, use_swiglu_mlp
+from neva_tools.model.swiglu import LinearSwiGLU, SwiGLU, SwiGluMLP, use_swiglu_mlp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed
@@ -38,23 +39,58 @@ def test_function_matches_chunked_reference() -> None:
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
 
 
-def _pair(config: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+def test_linear_function_matches_linear_then_swiglu() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(2 * 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(LinearSwiGLU.apply, (x, weight))
+    grad = torch.randn(4, 3, 6, dtype=torch.float64, generator=g)
+    ours = LinearSwiGLU.apply(x, weight)
+    gate, up = torch.chunk(F.linear(x, weight), 2, dim=-1)
+    ref = F.silu(gate) * up
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(ours, (x, weight), grad), torch.autograd.grad(ref, (x, weight), grad)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    frozen = weight.detach()  # a frozen LLM: only the input gets a gradient
+    (g_x,) = torch.autograd.grad(LinearSwiGLU.apply(x, frozen), (x,), grad)
+    torch.testing.assert_close(g_x, grads[1][0], rtol=1e-12, atol=1e-12)
+
+
+def _pair(config: object, tp1_linears: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.mlp import MLP
+
+    from neva_tools.model.specs import gpt_local_spec
 
     submodules = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp.submodules
     torch.manual_seed(0)
     ref = MLP(config, submodules)
-    ours = SwiGluMLP(config, submodules)
+    ours = SwiGluMLP(config, gpt_local_spec("RMSNorm").submodules.mlp.submodules if tp1_linears else submodules)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_mlp_equals_megatron_mlp(dist: None, gated: bool) -> None:
+@pytest.mark.parametrize(("gated", "tp1_linears"), [(True, False), (True, True), (False, False)])
+def test_mlp_equals_megatron_mlp(dist: None, gated: bool, tp1_linears: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal outputs and gradients: SwiGLU after megatron's fc1, SwiGLU with fc1 inside (plain linear at TP 1),
+    and megatron's own forward for a non-gated MLP."""
     config = transformer_config_from_nemo(TINY_GPT if gated else {**TINY_GPT, "activation": "gelu"})
-    ref, ours = _pair(config)
+    ref, ours = _pair(config, tp1_linears)
     assert ours._plain_swiglu is gated  # gelu (not gated) goes to megatron-core's own forward
+    assert getattr(ours.linear_fc1, "_single_rank", False) is tp1_linears
+    calls: list[str] = []
+
+    def spy(cls: type) -> Any:
+        def forward(ctx: Any, *args: Any) -> torch.Tensor:
+            calls.append(cls.__name__)
+            return original(ctx, *args)
+
+        original = cls.forward
+        return staticmethod(forward)
+
+    for cls in (SwiGLU, LinearSwiGLU):
+        monkeypatch.setattr(cls, "forward", spy(cls))
     x = torch.randn(6, 2, config.hidden_size, generator=torch.Generator().manual_seed(1))
     results = []
     for module in (ref, ours):
@@ -64,6 +100,7 @@ def test_mlp_equals_megatron_mlp(dist: None, gated: bool) -> None:
         out.square().sum().backward()
         results.append((out.detach(), inp.grad, {n: p.grad for n, p in module.named_parameters()}))
     (out_r, gin_r, gp_r), (out_o, gin_o, gp_o) = results
+    assert calls == ([] if not gated else ["LinearSwiGLU"] if tp1_linears else ["SwiGLU"])
     torch.testing.assert_close(out_o, out_r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gin_o, gin_r, rtol=1e-6, atol=1e-6)
     assert gp_o.keys() == gp_r.keys()
