@@ -20,6 +20,20 @@ from typing import Any
 import torch
 from megatron.core.transformer.attention import SelfAttention
 
+_TRIG: dict[str, Any] = {}  # the last frequencies seen and their cosine and sine
+
+
+def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of ``freqs`` (``[s, 1, 1, d]``) as ``[1, 1, s, d]`` in ``dtype``. Every layer gets the same
+    frequency tensor in a forward pass (megatron-core's ``RotaryEmbedding`` also caches it across steps), so the
+    last result is kept and reused while the tensor is the same and unmodified (and the inference mode the same:
+    tensors made under ``torch.inference_mode`` cannot be saved for a backward pass)."""
+    key = (freqs._version, dtype, freqs.device, freqs.shape, torch.is_inference_mode_enabled())
+    if _TRIG.get("freqs") is not freqs or _TRIG.get("key") != key:
+        trig = tuple(f(freqs).to(dtype).permute(1, 2, 0, 3) for f in (torch.cos, torch.sin))
+        _TRIG.update(freqs=freqs, key=key, trig=trig)
+    return _TRIG["trig"]
+
 
 class _RopeToHeads(torch.autograd.Function):
     """RoPE of ``t`` ``[s, b, heads, d]`` written straight into a new contiguous ``[b, heads, s, d]`` tensor."""
@@ -28,12 +42,12 @@ class _RopeToHeads(torch.autograd.Function):
     def forward(ctx: Any, t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         s, b, heads, d = t.shape
         half = d // 2
-        cos, sin = (f(freqs).to(t.dtype).permute(1, 2, 0, 3) for f in (torch.cos, torch.sin))  # [1, 1, s, d]
+        cos, sin = _cos_sin(freqs, t.dtype)  # [1, 1, s, d]
         source = t.permute(1, 2, 0, 3)
         out = torch.empty(b, heads, s, d, dtype=t.dtype, device=t.device)
-        first, second = source[..., :half], source[..., half:]
-        torch.mul(first, cos[..., :half], out=out[..., :half]).addcmul_(second, sin[..., :half], value=-1)
-        torch.mul(second, cos[..., half:], out=out[..., half:]).addcmul_(first, sin[..., half:])
+        torch.mul(source, cos, out=out)  # then the rotated halves: (-second, first) * sin
+        out[..., :half].addcmul_(source[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(source[..., :half], sin[..., half:])
         ctx.save_for_backward(cos, sin)
         return out
 
@@ -41,10 +55,9 @@ class _RopeToHeads(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         cos, sin = ctx.saved_tensors
         half = grad.shape[-1] // 2
-        grad_t = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        first, second = grad[..., :half], grad[..., half:]
-        torch.mul(first, cos[..., :half], out=grad_t[..., :half]).addcmul_(second, sin[..., half:])
-        torch.mul(second, cos[..., half:], out=grad_t[..., half:]).addcmul_(first, sin[..., :half], value=-1)
+        grad_t = torch.mul(grad, cos, out=torch.empty(grad.shape, dtype=grad.dtype, device=grad.device))
+        grad_t[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        grad_t[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
         return grad_t.permute(2, 0, 1, 3), None  # back to [s, b, heads, d]
 
 

@@ -107,3 +107,22 @@ def test_spec_swap_refuses_an_unexpected_spec() -> None:
     spec = use_rope_self_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
     with pytest.raises(TypeError, match="SelfAttention"):
         use_rope_self_attention(spec)
+
+
+def test_cos_sin_cached_per_frequency_tensor() -> None:
+    from neva_tools.model.rope import _cos_sin
+
+    freqs = torch.rand(6, 1, 1, 8)
+    cos, sin = _cos_sin(freqs, torch.float32)
+    torch.testing.assert_close(cos, torch.cos(freqs).permute(1, 2, 0, 3), rtol=0, atol=0)
+    torch.testing.assert_close(sin, torch.sin(freqs).permute(1, 2, 0, 3), rtol=0, atol=0)
+    assert _cos_sin(freqs, torch.float32)[0] is cos  # same tensor: reused
+    assert _cos_sin(freqs.clone(), torch.float32)[0] is not cos  # another tensor
+    assert _cos_sin(freqs, torch.float64)[0].dtype == torch.float64
+    freqs.mul_(2)  # modified in place: recomputed
+    torch.testing.assert_close(_cos_sin(freqs, torch.float32)[0], torch.cos(freqs).permute(1, 2, 0, 3))
+    with torch.inference_mode():
+        assert _cos_sin(freqs, torch.float32)[0].is_inference()
+    t = torch.randn(6, 1, 2, 8, requires_grad=True)
+    rope_to_heads(t, freqs).sum().backward()  # after inference mode: values that can be saved for backward
+    assert t.grad is not None
