@@ -31,6 +31,7 @@ class _Selection:
 
     def __init__(self) -> None:
         self.where: torch.Tensor | None = None  # [s, b] bool
+        self.index: torch.Tensor | None = None  # [n] flat indices of ``where``
         self.labels: torch.Tensor | None = None  # [n] labels of the selected positions
 
 
@@ -61,13 +62,14 @@ def supervised_logits_only(model: torch.nn.Module) -> Undo | None:
 
     def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
-        state.where = state.labels = None
+        state.where = state.index = state.labels = None
         if labels is None:
             return
         where = labels.t() >= 0  # [s, b]
         if bool(where.all()):
             return  # every position is labelled: nothing to skip
         state.where, state.labels = where, labels.t()[where]
+        state.index = where.reshape(-1).nonzero().squeeze(1)  # index_select: far cheaper than a mask, both ways
 
     def select(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if state.where is None:
@@ -76,15 +78,15 @@ def supervised_logits_only(model: torch.nn.Module) -> Undo | None:
         if hidden.shape[:2] != state.where.shape:
             raise RuntimeError(f"output layer input {tuple(hidden.shape)} does not match labels "
                                f"{tuple(state.where.shape)} (sequence-parallel or pipeline input?)")  # fmt: skip
-        return (hidden[state.where].unsqueeze(1), *args[1:]), kwargs
+        return (hidden.flatten(0, 1).index_select(0, state.index).unsqueeze(1), *args[1:]), kwargs
 
     def loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         where, picked = state.where, state.labels
         if where is None:
             return full_loss(labels, logits)
-        state.where = state.labels = None
+        state.where = state.index = state.labels = None
         if tp == 1:
-            flat = torch.nn.functional.cross_entropy(logits[:, 0].float(), picked, reduction="none")
+            flat = torch.nn.functional.cross_entropy(logits.squeeze(1).float(), picked, reduction="none")
         else:
             flat = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), picked.unsqueeze(1))[:, 0]
         out = flat.new_zeros(where.shape)
