@@ -59,8 +59,8 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
     (:mod:`neva_tools.model.supervised_logits`; off only to measure what it saves).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
-    from megatron.core.models.multimodal.llava_model import LLaVAModel
 
+    from neva_tools.model.merge import NevaLLaVAModel
     from neva_tools.model.specs import gpt_block_spec
     from neva_tools.model.supervised_logits import supervised_logits_only
     from neva_tools.model.vision import drop_post_norm, vit_layer_spec
@@ -79,7 +79,7 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
         if value % tp:
             raise NevaError(f"tensor_model_parallel_size ({tp}) must divide the {name} ({value})")
     projection = projector_config(language, parts.projector_type)
-    model = LLaVAModel(
+    model = NevaLLaVAModel(
         language_transformer_config=language,
         language_transformer_layer_spec=gpt_block_spec(language),
         language_vocab_size=parts.padded_vocab_size,
