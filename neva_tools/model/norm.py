@@ -1,12 +1,12 @@
-"""RMSNorm whose CPU training pass is one fused forward kernel and a five-pass backward.
+"""RMSNorm whose CPU training pass is three passes forward and five backward.
 
 megatron-core's local spec builds ``torch.nn.RMSNorm`` (``WrappedTorchNorm``). On the CPU, autograd decomposes it
-into ``pow``, ``mean``, ``add``, ``rsqrt`` and two ``mul`` and records a backward node for each, although torch has
-a fused forward kernel (``aten::_fused_rms_norm``, which also returns ``rstd``) it only uses there without
-gradients. :class:`RMSNorm` keeps ``torch.nn.RMSNorm``'s parameter, initialization and state-dict key and, for
-float32 CPU inputs that need gradients, computes the forward with that kernel and the backward directly:
+into ``pow``, ``mean``, ``add``, ``rsqrt`` and two ``mul`` and records a backward node for each (torch's
+``_fused_rms_norm`` has no CPU backward). :class:`RMSNorm` keeps ``torch.nn.RMSNorm``'s parameter, initialization
+and state-dict key and, for float32 CPU inputs that need gradients, computes ``rstd`` with one norm reduction,
+keeps ``x̂ = x·rstd`` for the backward (instead of ``x``) and computes the backward directly:
 
-``x̂ = x·rstd``, ``dx = rstd·(g·w − x̂·mean(g·w·x̂))``, ``dw = Σ g·x̂``.
+``dx = rstd·(g·w − x̂·mean(g·w·x̂))``, ``dw = Σ g·x̂``.
 
 Every other case (CUDA, where torch has fused kernels both ways; half precision; no weight; no gradient) is
 ``torch.nn.RMSNorm``'s own forward. :class:`TorchNorm` is the spec entry that builds it where megatron-core's
@@ -19,33 +19,32 @@ from typing import Any
 
 import torch
 
-_FUSED = getattr(torch.ops.aten, "_fused_rms_norm", None)
-
 
 class _RmsNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out, rstd = _FUSED(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return out
+        width = x.shape[-1]
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width).add_(eps).rsqrt_()
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, weight, rstd)  # x̂ instead of x: the same memory, no recomputation
+        return x_hat * weight
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight, rstd = ctx.saved_tensors
-        x_hat = x * rstd
+        x_hat, weight, rstd = ctx.saved_tensors
+        width = x_hat.shape[-1]
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             scaled = grad * weight
-            mean = torch.linalg.vecdot(scaled, x_hat).unsqueeze(-1).div_(x.shape[-1])
+            mean = torch.linalg.vecdot(scaled, x_hat).unsqueeze(-1).div_(width)
             grad_x = torch.addcmul(scaled, x_hat, mean, value=-1).mul_(rstd)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * x_hat).reshape(-1, x.shape[-1]).sum(0)
+            grad_weight = (grad * x_hat).reshape(-1, width).sum(0)
         return grad_x, grad_weight, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight · x / sqrt(mean(x², -1) + eps)`` with the fused forward and the direct backward above
-    (float32 CPU tensors)."""
+    """``weight · x / sqrt(mean(x², -1) + eps)`` with the forward and the direct backward above."""
     return _RmsNormFunction.apply(x, weight, eps)
 
 
@@ -55,7 +54,7 @@ class RMSNorm(torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            _FUSED is None or weight is None or len(self.normalized_shape) != 1 or x.device.type != "cpu"
+            weight is None or len(self.normalized_shape) != 1 or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32
             or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):  # fmt: skip
