@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from neva_tools.model.gpt import build_gpt_model, gpt_model_kwargs, transformer_config_from_nemo
-from neva_tools.model.rope import RopeSelfAttention, rope_to_heads, use_rope_self_attention
+from neva_tools.model.rope import RopeSelfAttention, qkv_to_heads, rope_to_heads, use_rope_self_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import in_process_distributed
@@ -49,6 +49,32 @@ def test_rope_to_heads_equals_megatron_rope(dist: None, strided: bool) -> None:
         assert g_ours[..., :8].abs().max() == 0 and g_ours[..., 24:].abs().max() == 0
 
 
+@pytest.mark.parametrize("unused_value", [False, True])
+def test_qkv_to_heads_equals_megatron_split_and_rope(dist: None, unused_value: bool) -> None:
+    """megatron-core's grouped QKV layout → split, reshape, RoPE, SDPA layout: values and the input gradient
+    (also when one output takes no part in the loss and gets no gradient)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    s, b, groups, hpg, d = 7, 2, 3, 2, 8
+    freqs = RotaryEmbedding(kv_channels=d, rotary_percent=1.0, use_cpu_initialization=True)(s).double()
+    g = torch.Generator().manual_seed(3)
+    mixed = torch.randn(s, b, groups, (hpg + 2) * d, dtype=torch.float64, generator=g, requires_grad=True)
+    grads = [torch.randn(b, n, s, d, dtype=torch.float64, generator=g) for n in (groups * hpg, groups, groups)]
+    ours = qkv_to_heads(mixed, (freqs, freqs), hpg)
+    query, key, value = torch.split(mixed, [hpg * d, d, d], dim=3)
+    query = query.reshape(s, b, groups * hpg, d)
+    ref = [_apply_rotary_pos_emb_bshd(query, freqs), _apply_rotary_pos_emb_bshd(key, freqs), value]
+    ref = [t.permute(1, 2, 0, 3) for t in ref]
+    used = 2 if unused_value else 3
+    for a, r in zip(ours, ref, strict=True):
+        assert a.shape == r.shape and a.is_contiguous()
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours[:used], mixed, grads[:used])
+    (g_ref,) = torch.autograd.grad(ref[:used], mixed, grads[:used])
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
 def _reference(cfg: dict[str, Any], ours: torch.nn.Module) -> torch.nn.Module:
     """The same GPT with megatron-core's SelfAttention (RoPE applied by megatron) and ``ours``' weights."""
     from megatron.core.models.gpt import GPTModel
@@ -63,6 +89,14 @@ def _reference(cfg: dict[str, Any], ours: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
+def _spy(function: Any, calls: list[str], name: str) -> Any:
+    def spied(*args: Any) -> Any:
+        calls.append(name)
+        return function(*args)
+
+    return spied
+
+
 def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     loss = model(tokens, torch.arange(16).expand(2, -1), None, labels=tokens.roll(-1, dims=1))
@@ -70,18 +104,34 @@ def _loss_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, tor
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("rotary_percentage", [1.0, 0.5])  # 0.5: partial RoPE goes to megatron-core's path
-def test_gpt_equals_megatron_rope(dist: None, rotary_percentage: float) -> None:
-    cfg = {**TINY_GPT, "rotary_percentage": rotary_percentage}
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [
+        ({}, "qkv_to_heads"),  # whole-head RoPE on the way from the QKV projection to SDPA
+        ({}, "core_attention"),  # megatron's split (QK norms, fewer query groups than TP ranks): RoPE in SDPA
+        ({"rotary_percentage": 0.5}, "megatron"),  # partial RoPE: megatron-core's own path
+    ],
+)
+def test_gpt_equals_megatron_rope(dist: None, extra: dict[str, Any], path: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import neva_tools.model.rope as rope
+
+    cfg = {**TINY_GPT, **extra}
     torch.manual_seed(0)
     ours = build_gpt_model(cfg, padded_vocab_size=VOCAB)
     attention = ours.decoder.layers[0].self_attention
     assert isinstance(attention, RopeSelfAttention) and attention._plain_rope
-    calls: list[int] = []
-    handle = attention.core_attention.register_forward_pre_hook(lambda m, args: calls.append(int(m.rotary is not None)))
+    assert attention._fused_qkv  # a plain config; partial RoPE leaves it at forward time (frequency width)
+    if path == "core_attention":
+        for layer in ours.decoder.layers:
+            monkeypatch.setattr(layer.self_attention, "_fused_qkv", False)
+    calls: list[str] = []
+    monkeypatch.setattr(rope._QkvToHeads, "apply", _spy(rope._QkvToHeads.apply, calls, "qkv_to_heads"))
+    monkeypatch.setattr(rope._RopeToHeads, "apply", _spy(rope._RopeToHeads.apply, calls, "core_attention"))
     loss, grads = _loss_and_grads(ours)
-    handle.remove()
-    assert calls == [1 if rotary_percentage == 1.0 else 0]  # whole-head RoPE is left to the core attention
+    layers = TINY_GPT["num_layers"]
+    assert calls == {"qkv_to_heads": ["qkv_to_heads"] * layers, "core_attention": ["core_attention"] * 2 * layers,
+                     "megatron": []}[path]  # fmt: skip
     ref_loss, ref_grads = _loss_and_grads(_reference(cfg, ours))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name, grad in ref_grads.items():
