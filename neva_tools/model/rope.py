@@ -1,16 +1,21 @@
-"""Plain RoPE applied inside the SDPA core attention, without megatron-core's slicing copies.
+"""Plain RoPE applied on the way into SDPA's layout, without megatron-core's split and slicing copies.
 
-megatron-core's unfused ``_apply_rotary_pos_emb_bshd`` splits query and key into a rotated part and a pass-through
-part, rotates, and concatenates the two again, even when the pass-through part is empty (``rotary_percent`` 1.0,
-as in every LLaMA-style model). The forward then copies query and key once more, and the backward builds two
-zero-filled full-size gradients for the slices and adds them. :class:`RopeSelfAttention` hands the rotary
-frequencies to :class:`~neva_tools.model.attention.SdpaDotProductAttention`, which applies :func:`rope_to_heads`
-(the same arithmetic, ``t * cos + rotate_half(t) * sin``) while it moves query and key into SDPA's
-``[b, heads, s, d]`` layout, one pass each way instead of megatron-core's five elementwise operations and a copy.
+megatron-core splits its fused QKV projection into query, key and value views and reshapes the query (a copy).
+Its unfused ``_apply_rotary_pos_emb_bshd`` then splits query and key into a rotated part and a pass-through part,
+rotates, and concatenates the two again, even when the pass-through part is empty (``rotary_percent`` 1.0, as in
+every LLaMA-style model); the SDPA core attention copies all three into ``[b, heads, s, d]``; and the backward
+builds zero-filled gradients for the slices and concatenates the query, key and value gradients.
 
-Only the plain case goes this way: training (no inference context), no packed THD sequences, no context parallelism,
-non-interleaved rotary over the whole head, no YaRN scale, no fused RoPE and no activation recompute. Everything else
-is megatron-core's own path.
+:class:`RopeSelfAttention` does the plain case in one autograd function, :func:`qkv_to_heads`: one pass from the
+projection output to query and key with RoPE (the same arithmetic, ``t * cos + rotate_half(t) * sin``) and value,
+each contiguous ``[b, heads, s, d]``, and one pass back into a single gradient tensor. Where megatron-core's split
+has more to do (QK norms, gated attention output, fewer query groups than TP ranks) it keeps that split and hands
+the frequencies to :class:`~neva_tools.model.attention.SdpaDotProductAttention`, which applies
+:func:`rope_to_heads` while it moves query and key into its layout.
+
+Only the plain case goes either way: training (no inference context), no packed THD sequences, no context
+parallelism, non-interleaved rotary over the whole head, no YaRN scale, no fused RoPE and no activation recompute.
+Everything else is megatron-core's own path.
 """
 
 from __future__ import annotations
@@ -168,7 +173,8 @@ class RopeSelfAttention(SelfAttention):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
                 key_value_states: torch.Tensor | None = None, inference_context: Any = None,
                 rotary_pos_emb: Any = None, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
-        """megatron-core's forward; plain RoPE is applied by the core attention instead of in between."""
+        """megatron-core's forward; plain RoPE is applied by :meth:`get_query_key_value_tensors` or the core
+        attention instead of in between."""
         freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb, rotary_pos_emb)
         if (
             not self._plain_rope or rotary_pos_emb is None or inference_context is not None or args
@@ -192,14 +198,16 @@ class RopeSelfAttention(SelfAttention):
         with RoPE applied, as views of contiguous ``[b, heads, s, d]`` tensors (:func:`qkv_to_heads`), which the
         SDPA core attention takes without a copy."""
         freqs = self._qkv_freqs
-        if freqs is None or key_value_states is not None or output_gate or not split_qkv:
-            return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
-                                                       split_qkv=split_qkv)  # fmt: skip
-        mixed, _ = self.linear_qkv(hidden_states)
-        groups = self.num_query_groups_per_partition
-        mixed = mixed.view(*mixed.shape[:2], groups, -1)
-        heads = qkv_to_heads(mixed, freqs, self.num_attention_heads_per_partition // groups)
-        return tuple(t.permute(2, 0, 1, 3) for t in heads)
+        if freqs is not None and key_value_states is None and not output_gate and split_qkv:
+            mixed, _ = self.linear_qkv(hidden_states)
+            groups = self.num_query_groups_per_partition
+            mixed = mixed.view(*mixed.shape[:2], groups, -1)
+            heads = qkv_to_heads(mixed, freqs, self.num_attention_heads_per_partition // groups)
+            return tuple(t.permute(2, 0, 1, 3) for t in heads)
+        if freqs is not None:  # megatron-core's split after all: the core attention applies RoPE
+            self.core_attention.rotary = freqs
+        return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                   split_qkv=split_qkv)  # fmt: skip
 
 
 def use_rope_self_attention(spec: Any) -> Any:
