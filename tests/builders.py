@@ -25,6 +25,17 @@ def caption_corpus() -> list[str]:
 
 
 #: Tiny configs per family: GQA and MHA, tied and untied, rope scaling, Qwen2's QKV biases.
+def split_cases() -> list[tuple[Any, tuple[int, ...]]]:
+    """One small tensor shape for each TP split kind (a 1-D one where the kind splits biases too), for the
+    split/merge and part-tracing tests."""
+    from neva_tools.mappings.base import Split
+
+    return [
+        (Split.COLUMN, (8, 6)), (Split.COLUMN, (8,)), (Split.QKV, (16, 6)), (Split.ROW, (6, 8)), (Split.ROW, (8,)),
+        (Split.GATED_MLP, (16, 6)), (Split.REPLICATED, (6,)), (Split.VOCAB, (10, 6)),
+    ]  # fmt: skip
+
+
 TINY_LLMS = {
     "llama": dict(arch="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False),
     "llama3": dict(

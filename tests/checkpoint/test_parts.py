@@ -6,22 +6,14 @@ import functools
 
 import pytest
 import torch
+from builders import split_cases
 
 from neva_tools.checkpoint.parts import PADDING, Stored, copyable, part_runs
 from neva_tools.checkpoint.tp import merge, shard
 from neva_tools.mappings import transforms
 from neva_tools.mappings.base import Split
 
-CASES = [
-    (Split.COLUMN, (8, 6)),
-    (Split.COLUMN, (8,)),
-    (Split.QKV, (16, 6)),
-    (Split.ROW, (6, 8)),
-    (Split.ROW, (8,)),
-    (Split.GATED_MLP, (16, 6)),
-    (Split.REPLICATED, (6,)),
-    (Split.VOCAB, (10, 6)),
-]
+CASES = split_cases()
 
 
 def _rebuild(runs: list[tuple[int, int, int]], sources: list[torch.Tensor]) -> torch.Tensor:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import split_cases
 
 from neva_tools.checkpoint.tp import merge, shard, shard_shape
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 
-CASES = [
-    (Split.COLUMN, (8, 6)),
-    (Split.QKV, (16, 6)),
-    (Split.ROW, (6, 8)),
-    (Split.ROW, (8,)),
-    (Split.GATED_MLP, (16, 6)),
-    (Split.REPLICATED, (6,)),
-    (Split.VOCAB, (10, 6)),
-]
+CASES = split_cases()
 
 
 @pytest.mark.parametrize(("split", "shape"), CASES, ids=lambda c: str(c))
