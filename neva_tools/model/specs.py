@@ -20,9 +20,9 @@ _FILTER = _SubclassedMlpFilter()
 
 def gpt_local_spec(normalization: str) -> Any:
     """megatron-core's local GPT layer spec (no Transformer Engine) with SDPA core attention
-    (:mod:`neva_tools.model.attention`) applying plain RoPE itself (:mod:`neva_tools.model.rope`), the
-    single-function SwiGLU MLP (:mod:`neva_tools.model.swiglu`), plain linears at TP 1
-    (:mod:`neva_tools.model.linear`) and the CPU-fused RMSNorm (:mod:`neva_tools.model.norm`)."""
+    (:mod:`neva_tools.model.attention`), self-attention that applies plain RoPE on the way into SDPA's layout
+    (:mod:`neva_tools.model.rope`), the single-function SwiGLU MLP (:mod:`neva_tools.model.swiglu`), plain linears
+    at TP 1 (:mod:`neva_tools.model.linear`) and RMSNorm with a direct CPU backward (:mod:`neva_tools.model.norm`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from neva_tools.model.attention import use_sdpa
