@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 
 from neva_tools.model.attention import SdpaDotProductAttention, use_sdpa
 from neva_tools.model.specs import gpt_local_spec
-
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _pair(heads: int, groups: int, mask_type: str, scaling: bool = False, layer: int = 3) -> tuple:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,7 @@ import torch.nn.functional as F
 from neva_tools.model import cpu_compat
 from neva_tools.model.cpu_compat import apply_cpu_compat, model_parallel_seed
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
-
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches are not applied when CUDA is available")
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _patched_objects() -> list[object]:

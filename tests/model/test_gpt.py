@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from neva_tools.model.gpt import build_gpt_model, gather_logits, gpt_model_kwarg
 from neva_tools.model.parallel import LaunchEnv, init_distributed, launch_env
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
 from neva_tiny import TINY_GPT
 
 VOCAB = 256
@@ -31,12 +29,6 @@ TINY: dict[str, Any] = {
     "bias_activation_fusion": True,
     "bias_dropout_add_fusion": True,
 }
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _inputs(batch: int = 2, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,8 @@ from neva_tools.model.gpt import transformer_config_from_nemo
 from neva_tools.model.linear import Tp1ColumnParallelLinear, Tp1RowParallelLinear, use_tp1_linears
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed, run_distributed
+from dist_helpers import run_distributed
 from neva_tiny import TINY_GPT
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _pair(kind: str, bias: bool, skip_bias_add: bool) -> tuple[torch.nn.Module, torch.nn.Module]:

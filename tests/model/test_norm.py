@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,7 @@ from neva_tools.model.gpt import transformer_config_from_nemo
 from neva_tools.model.norm import RMSNorm, TorchNorm, rms_norm, use_torch_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
 from neva_tiny import TINY_GPT
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def test_function_gradcheck_and_reference() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,9 @@ from neva_tools.model.gpt import build_gpt_model, gpt_model_kwargs, transformer_
 from neva_tools.model.rope import RopeSelfAttention, qkv_to_heads, rope_to_heads, use_rope_self_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
 from neva_tiny import TINY_GPT
 
 VOCAB = 128
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 @pytest.mark.parametrize("strided", [False, True])

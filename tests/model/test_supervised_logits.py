@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed, run_distributed
+from dist_helpers import run_distributed
 from neva_tiny import TINY_GPT, VOCAB, batch, build
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _masked_labels(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,7 @@ from neva_tools.model.gpt import transformer_config_from_nemo
 from neva_tools.model.swiglu import LinearSwiGLU, SwiGLU, SwiGluMLP, use_swiglu_mlp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
 from neva_tiny import TINY_GPT
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def test_function_matches_chunked_reference() -> None:

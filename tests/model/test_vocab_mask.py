@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,16 +12,9 @@ from neva_tools.model.gpt import build_gpt_model
 from neva_tools.model.vocab_mask import mask_padded_vocab
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import in_process_distributed
 from neva_tiny import TINY_GPT
 
 VOCAB = 200  # true vocabulary; padded to 256 (e.g. 128 × TP 2) or 384 (128 × TP 3)
-
-
-@pytest.fixture(scope="module")
-def dist() -> Iterator[None]:
-    with in_process_distributed(tp=1):
-        yield
 
 
 def _model(padded: int, source: torch.nn.Module | None = None) -> torch.nn.Module:
