@@ -1,4 +1,4 @@
-"""RMSNorm whose CPU training pass is three passes forward and five backward.
+"""RMSNorm with one norm reduction forward and a written-out backward for CPU training.
 
 megatron-core's local spec builds ``torch.nn.RMSNorm`` (``WrappedTorchNorm``). On the CPU, autograd decomposes it
 into ``pow``, ``mean``, ``add``, ``rsqrt`` and two ``mul`` and records a backward node for each (torch's
