@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from neva_tools.checkpoint.safe_dist import refusals_unwrapped
+
 _LAYER_RE = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
 
 
@@ -31,11 +33,14 @@ def dist_key(name: str) -> tuple[str, int | None]:
 def single_process_group() -> Iterator[None]:
     """A one-process gloo group when none exists (``dist_checkpointing`` asks for ranks); torn down after.
 
-    Also applies the CPU compatibility patches (``dist_checkpointing`` synchronises CUDA).
+    Also applies the CPU compatibility patches (``dist_checkpointing`` synchronises CUDA) and the safe readers
+    of ``neva_tools.checkpoint.safe_dist``.
     """
+    from neva_tools.checkpoint.safe_dist import install
     from neva_tools.model.cpu_compat import apply_cpu_compat
 
     apply_cpu_compat()
+    install()
     if torch.distributed.is_initialized():
         yield
         return
@@ -95,7 +100,7 @@ def load_full(names: Iterable[str], directory: Path, num_layers: int) -> dict[st
         key, layer = dist_key(name)
         shape = shapes[key][1:] if layer is not None else shapes[key]
         empty.append((name, torch.empty(shape, dtype=torch.float32)))
-    with single_process_group():
+    with single_process_group(), refusals_unwrapped():
         request = sharded_tensors(empty, num_layers)
         _cast_to_stored_dtypes(request, directory)
         return dict(dist_checkpointing.load(request, str(directory)))

@@ -250,6 +250,14 @@ class NemoArchive:
                 shutil.copyfileobj(fin, fout, 16 << 20)
         return dest / prefix
 
+    def extract_dist(self, dest: str | os.PathLike) -> Path:
+        """Extract the ``model_weights/`` dist checkpoint into ``dest`` and check it is safe to read; return it."""
+        from neva_tools.checkpoint.safe_dist import check_directory
+
+        directory = self.extract(DIST_DIR, dest)
+        check_directory(directory, f"{self.path}:{DIST_DIR}")
+        return directory
+
     def artifact(self, ref: str, dest: str | os.PathLike) -> Path:
         """Extract a ``nemo:<name>`` artifact reference (a file or a directory) into ``dest``."""
         if not ref.startswith("nemo:"):

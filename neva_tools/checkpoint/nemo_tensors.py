@@ -20,7 +20,7 @@ import torch
 
 from neva_tools.checkpoint import dist
 from neva_tools.checkpoint import tp as tp_rules
-from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
+from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.parts import Stored
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
@@ -105,7 +105,7 @@ class NemoTensors:
 
     def _load_dist(self) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory(prefix=".neva-dist-") as tmp:
-            directory = self.archive.extract(DIST_DIR, tmp)
+            directory = self.archive.extract_dist(tmp)
             stored = dist.tensor_shapes(directory)
             names = [n for n in self.entries if dist.dist_key(n)[0] in stored]
             return dist.load_full(names, directory, self.arch.num_layers)

@@ -159,8 +159,10 @@ class CheckpointSource:
         from megatron.core import dist_checkpointing
 
         from neva_tools.checkpoint.dist import single_process_group
+        from neva_tools.checkpoint.safe_dist import check_directory
 
         self.where, self.directory = str(directory), Path(directory)
+        check_directory(self.directory)
         self.cfg, self.tokenizer_from = dict(cfg), Path(tokenizer_from)
         self.arch = LlamaArch.from_nemo_model_config(self.cfg)
         with single_process_group():
@@ -177,6 +179,7 @@ class CheckpointSource:
         from megatron.core.dist_checkpointing import ShardedTensor
 
         from neva_tools.checkpoint.dist import single_process_group
+        from neva_tools.checkpoint.safe_dist import refusals_unwrapped
 
         if self._cache is None or self._cache[0] != key:
             if key not in self.meta:
@@ -184,7 +187,7 @@ class CheckpointSource:
             self._cache = None
             shape, dtype = self.meta[key]
             request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype))}
-            with single_process_group():
+            with single_process_group(), refusals_unwrapped():
                 self._cache = (key, dist_checkpointing.load(request, str(self.directory))[key])
         return self._cache[1]
 

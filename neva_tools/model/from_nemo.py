@@ -16,8 +16,9 @@ import torch
 
 from neva_tools.checkpoint import dist
 from neva_tools.checkpoint import tp as tp_rules
-from neva_tools.checkpoint.nemo_archive import DIST_DIR, NemoArchive
+from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import NEVA_REPLICATED_PREFIXES, NemoTensors, canonical_name, load_arch
+from neva_tools.checkpoint.safe_dist import refusals_unwrapped
 from neva_tools.errors import NevaError
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
@@ -81,12 +82,13 @@ def load_dist_native(model: torch.nn.Module, archive: NemoArchive, padded: int) 
     from megatron.core import dist_checkpointing
 
     with tempfile.TemporaryDirectory(prefix=".neva-dist-") as tmp:
-        directory = archive.extract(DIST_DIR, tmp)
+        directory = archive.extract_dist(tmp)
         stored = dist.tensor_shapes(directory)
         if stored.get("model.embedding.word_embeddings.weight", (None,))[0] != padded:
             return False
         request = {k: v for k, v in model.sharded_state_dict(prefix="model.").items() if not k.endswith("_extra_state")}
-        loaded = dist_checkpointing.load(request, str(directory))
+        with refusals_unwrapped():
+            loaded = dist_checkpointing.load(request, str(directory))
     state = {k.removeprefix("model."): v for k, v in loaded.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -74,11 +74,15 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Load a checkpoint into ``model`` (and ``optimizer``) at the current TP; return the common part."""
     from megatron.core import dist_checkpointing
 
+    from neva_tools.checkpoint.safe_dist import check_directory, refusals_unwrapped
+
+    check_directory(directory)
     request = _model_request(model)
     sharded: dict[str, Any] = {"model": request}
     if optimizer is not None:
         sharded["optimizer"], _ = _optimizer_request(optimizer, request)
-    loaded = dist_checkpointing.load(sharded, str(directory))
+    with refusals_unwrapped():
+        loaded = dist_checkpointing.load(sharded, str(directory))
     state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -131,6 +131,9 @@ def consumed_samples(checkpoint_dir: str | Path | None, global_batch_size: int) 
         return 0
     from megatron.core import dist_checkpointing
 
+    from neva_tools.checkpoint.safe_dist import check_directory
+
+    check_directory(checkpoint_dir)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir)).get("common", {})
     return int(common.get("global_step", 0)) * global_batch_size
 
