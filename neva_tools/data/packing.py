@@ -119,21 +119,26 @@ def packed_attention_mask(input_ids: torch.Tensor, cu_seqlens: Sequence[torch.Te
     each sample attends only to itself. ``cu_seqlens[r]`` gives row ``r``'s sample starts and total in text
     tokens (``None``: the row is one sample). Padding after the samples forms a segment of its own, so no query
     row is fully masked (fused attention kernels return NaN for those).
+
+    Built on ``input_ids``'s device with one host synchronisation (the expanded length ``S``).
     """
     rows, s = input_ids.shape
+    device = input_ids.device
     widths = torch.ones_like(input_ids)
     if image_token_index is not None:
-        widths[input_ids == image_token_index] = image_tokens
-    total = int(widths.sum(dim=1).max())
-    segments = torch.empty(rows, total, dtype=torch.long)
+        widths = torch.where(input_ids == image_token_index, image_tokens, widths)
+    ends = widths.cumsum(1)  # [b, s]: expanded end of each text position
+    total = int(ends[:, -1].max())  # the one host synchronisation: the mask's size
+    text = torch.arange(s, device=device)
+    segments = torch.empty(rows, s + 1, dtype=torch.long, device=device)  # last column: beyond the row
     for r in range(rows):
-        cu = cu_seqlens[r] if cu_seqlens[r] is not None else torch.tensor([0, s])
-        segment = torch.full((s,), len(cu) - 1, dtype=torch.long)  # padding: the last segment
-        for k in range(len(cu) - 1):
-            segment[int(cu[k]) : int(cu[k + 1])] = k
-        expanded = torch.repeat_interleave(segment, widths[r])
-        segments[r, : len(expanded)] = expanded
-        segments[r, len(expanded) :] = len(cu) - 1
+        cu = cu_seqlens[r] if cu_seqlens[r] is not None else torch.tensor([0, s], device=device)
+        cu = cu.to(device=device, dtype=torch.long)
+        segments[r, :s] = torch.searchsorted(cu[1:], text, right=True)  # k on [cu[k], cu[k+1]); padding: last
+        segments[r, s] = len(cu) - 1
+    expanded = torch.arange(total, device=device).expand(rows, total).contiguous()
+    source = torch.searchsorted(ends, expanded, right=True)  # the text position of each expanded position
+    segments = segments.gather(1, source)
     same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
     return ~(same & causal)[:, None]

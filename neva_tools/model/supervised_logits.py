@@ -16,7 +16,9 @@ caller multiplies the loss by its mask. In NeVA most positions carry no label: a
 Weights, state-dict keys and the loss at labelled positions are unchanged; inference (no labels) is untouched.
 With sequence parallelism the output layer gathers the sequence itself, so nothing is selected there. On one TP
 rank the cross-entropy is ``torch.nn.functional.cross_entropy`` (one fused kernel); across ranks it is megatron's
-vocab-parallel cross-entropy.
+vocab-parallel cross-entropy. Selecting the positions costs one host synchronisation per forward pass (the
+number of labelled positions sizes the selection); labels, rows and the scattered loss are picked by index on the
+device.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class _Selection:
     """Labelled positions of the current forward pass, shared by the hooks of one model."""
 
     def __init__(self) -> None:
-        self.where: torch.Tensor | None = None  # [s, b] bool
-        self.index: torch.Tensor | None = None  # [n] flat indices of ``where``
+        self.shape: torch.Size | None = None  # [s, b] of the labels
+        self.index: torch.Tensor | None = None  # [n] flat indices of the labelled positions in [s, b] order
         self.labels: torch.Tensor | None = None  # [n] labels of the selected positions
 
 
@@ -62,36 +64,36 @@ def supervised_logits_only(model: torch.nn.Module) -> Undo | None:
 
     def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
-        state.where = state.index = state.labels = None
+        state.shape = state.index = state.labels = None
         if labels is None:
             return
-        where = labels.t() >= 0  # [s, b]
-        if bool(where.all()):
+        flat = labels.t().reshape(-1)  # [s·b], in the output layer's [s, b] order
+        index = (flat >= 0).nonzero().squeeze(1)  # the one host synchronisation: how many positions are labelled
+        if index.numel() == flat.numel():
             return  # every position is labelled: nothing to skip
-        state.where, state.labels = where, labels.t()[where]
-        state.index = where.reshape(-1).nonzero().squeeze(1)  # index_select: far cheaper than a mask, both ways
+        state.shape, state.index = labels.t().shape, index  # index_select: far cheaper than a mask, both ways
+        state.labels = flat.index_select(0, index)
 
     def select(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if state.where is None:
+        if state.shape is None:
             return None
         hidden = args[0]
-        if hidden.shape[:2] != state.where.shape:
+        if hidden.shape[:2] != state.shape:
             raise RuntimeError(f"output layer input {tuple(hidden.shape)} does not match labels "
-                               f"{tuple(state.where.shape)} (sequence-parallel or pipeline input?)")  # fmt: skip
+                               f"{tuple(state.shape)} (sequence-parallel or pipeline input?)")  # fmt: skip
         return (hidden.flatten(0, 1).index_select(0, state.index).unsqueeze(1), *args[1:]), kwargs
 
     def loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        where, picked = state.where, state.labels
-        if where is None:
+        shape, index, picked = state.shape, state.index, state.labels
+        if shape is None:
             return full_loss(labels, logits)
-        state.where = state.index = state.labels = None
+        state.shape = state.index = state.labels = None
         if tp == 1:
             flat = torch.nn.functional.cross_entropy(logits.squeeze(1).float(), picked, reduction="none")
         else:
             flat = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), picked.unsqueeze(1))[:, 0]
-        out = flat.new_zeros(where.shape)
-        out[where] = flat
-        return out.t()  # [b, s]
+        out = flat.new_zeros(shape.numel()).index_copy_(0, index, flat)
+        return out.view(shape).t()  # [b, s]
 
     handles = [model.register_forward_pre_hook(start, with_kwargs=True),
                output_layer.register_forward_pre_hook(select, with_kwargs=True)]  # fmt: skip

@@ -54,13 +54,25 @@ def accumulation(settings: TrainerSettings, world: int) -> int:
 
 
 class LossCurve(pl.Callback):
-    """Collects the training loss on rank 0 and writes ``loss.png`` (and ``loss.csv``) when training ends."""
+    """Collects the training loss on rank 0 and writes ``loss.png`` (and ``loss.csv``) when training ends.
+
+    Micro-batch losses stay on the device and are read in one transfer every ``log_every_n_steps`` optimizer
+    steps (and at the end), so the training loop does not wait for the device after every micro-batch.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.steps: list[int] = []
         self.losses: list[float] = []
-        self._step = 0
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._step, self._read_at = 0, 0  # _read_at: the optimizer step of the last read
+
+    def _flush(self) -> None:
+        if self._pending:
+            values = torch.stack([loss.float() for _, loss in self._pending]).tolist()
+            self.steps.extend(step for step, _ in self._pending)
+            self.losses.extend(values)
+            self._pending.clear()
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
@@ -73,10 +85,13 @@ class LossCurve(pl.Callback):
         if loss is None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged below
-            self.steps.append(self._step)
-            self.losses.append(float(loss))
+            self._pending.append((self._step, loss.detach()))
+            if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and trainer.global_step > self._read_at:
+                self._read_at = trainer.global_step
+                self._flush()
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._flush()
         if not trainer.is_global_zero or not self.losses:
             return
         import matplotlib
@@ -142,6 +157,7 @@ def make_trainer(
     settings: TrainerSettings, log_dir: str | Path, callbacks: list[pl.Callback] | None = None
 ) -> pl.Trainer:
     """A ``Trainer`` for this process under torchrun/srun or alone (CPU: gloo, ``32-true``/``bf16-true``)."""
+    from pytorch_lightning.callbacks import TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     world = world_size()
@@ -149,6 +165,8 @@ def make_trainer(
     devices = max(1, world // settings.num_nodes)
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
                                 seed=settings.seed)  # fmt: skip
+    # the bar reads the logged loss from the device when it refreshes: as often as the metrics are logged
+    progress = [TQDMProgressBar(refresh_rate=max(1, settings.log_every_n_steps))] if settings.progress else []
     return pl.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=devices,
@@ -160,7 +178,7 @@ def make_trainer(
         gradient_clip_val=settings.gradient_clip_val,
         log_every_n_steps=settings.log_every_n_steps,
         logger=[CSVLogger(log_dir, name="csv"), TensorBoardLogger(log_dir, name="tensorboard")],
-        callbacks=[LossCurve(log_dir), *(callbacks or [])],
+        callbacks=[LossCurve(log_dir), *progress, *(callbacks or [])],
         enable_progress_bar=settings.progress,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -51,7 +51,7 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
                                                inner.image_token_index)  # fmt: skip
         # LLaVAModel cuts the combined rows (padding included) at the LLM's maximum length; cut the mask alike
         limit = inner.language_model.max_sequence_length
-        attention_mask = attention_mask[..., :limit, :limit].to(batch["input_ids"].device)
+        attention_mask = attention_mask[..., :limit, :limit]
     out, new_mask = model(
         batch["images"],
         batch["input_ids"],

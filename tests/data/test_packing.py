@@ -71,3 +71,14 @@ def test_packed_mask_is_built_in_the_image_expanded_space() -> None:
         [1, 1, 1, 1, 1],
     ]
     assert bool((~mask).any(dim=-1).all())  # no fully masked query row
+
+
+def test_packed_mask_is_built_on_the_inputs_device() -> None:
+    """Every tensor of the mask is made on ``input_ids``'s device (on a GPU: no dense mask built on the host)."""
+    image = -200
+    ids = torch.tensor([[5, image, 6], [image, 7, 0]])
+    cu = [torch.tensor([0, 2, 3]), None]
+    expected = packed_attention_mask(ids, cu, image_tokens=3, image_token_index=image)
+    with torch.device("meta"):  # a tensor made on the default device would be a meta tensor and fail below
+        mask = packed_attention_mask(ids, cu, image_tokens=3, image_token_index=image)
+    assert mask.device == ids.device and torch.equal(mask, expected)

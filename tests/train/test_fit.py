@@ -76,3 +76,24 @@ def test_loss_curve_with_accumulation_is_per_step_and_unscaled(tmp_path: Path) -
     accumulated = run_distributed(fit_tiny, 1, 1, 3, str(tmp_path / "acc"), 1e-3, 2)[0]
     assert len(accumulated) == len(plain) == 3
     assert max(abs(a - b) for a, b in zip(plain, accumulated, strict=True)) <= 1e-5
+
+
+def test_loss_curve_reads_the_device_every_log_interval(tmp_path: Path) -> None:
+    """Micro-batch losses stay tensors until a ``log_every_n_steps`` boundary; the curve is the same."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from neva_tools.train.fit import LossCurve
+
+    curve = LossCurve(tmp_path)
+    trainer = SimpleNamespace(is_global_zero=True, log_every_n_steps=3, global_step=0)
+    read_after = []
+    for micro in range(12):  # 6 optimizer steps of 2 micro-batches
+        trainer.global_step = micro // 2
+        curve.on_train_batch_start(trainer, None, None, micro)
+        trainer.global_step = (micro + 1) // 2  # the optimizer stepped after every second micro-batch
+        curve.on_train_batch_end(trainer, SimpleNamespace(last_loss=torch.tensor(float(micro))), None, None, micro)
+        read_after.append(len(curve.losses))
+    assert read_after == [0, 0, 0, 0, 0, 6, 6, 6, 6, 6, 6, 12]  # read at steps 3 and 6 only
+    assert curve.steps == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6] and curve.losses == [float(i) for i in range(12)]
