@@ -179,7 +179,7 @@ def _backends(directory: Path, where: str) -> None:
         value = found.get(key, "torch" if key == "common_backend" else None)
         if value not in known:
             raise NevaError(f"{where}/metadata.json names {key} {value!r}; this tool reads {' and '.join(known)} "
-                            "checkpoints (megatron-core's default): re-save it with dist_ckpt_format torch_dist")  # fmt: skip
+                            "checkpoints (megatron-core's default): re-save it as torch_dist")  # fmt: skip
 
 
 def check_directory(directory: str | Path, where: str | None = None) -> None:

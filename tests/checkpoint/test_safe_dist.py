@@ -104,7 +104,7 @@ def test_llm_loading_for_training_refuses(tampered: tuple[Path, Path, str]) -> N
     with in_process_distributed(tp=1):
         with pytest.raises(NevaError, match=f"{member}.*posix.system"):
             load_gpt_from_nemo(evil)
-        with NemoArchive(evil) as archive, pytest.raises(NevaError, match="posix.system"):
+        with NemoArchive(evil) as archive, pytest.raises(NevaError, match=r"posix\.system"):
             _, arch = load_arch(archive)
             rank_state_dict(archive, arch, 1, 0, 384)
 
@@ -146,13 +146,13 @@ def test_unknown_backend_and_missing_files_are_named(dist_nemo: Path, tmp_path: 
     directory = _checkpoint_dir(dist_nemo, tmp_path / "ckpt")
     safe_dist.check_directory(directory)  # ours is fine
     (directory / "metadata.json").write_text('{"sharded_backend": "evil", "common_backend": "torch"}')
-    with pytest.raises(NevaError, match="sharded_backend 'evil'.*torch_dist"):
+    with pytest.raises(NevaError, match=r"sharded_backend 'evil'.*torch_dist"):
         safe_dist.check_directory(directory)
     (directory / "metadata.json").write_text("{not json")
-    with pytest.raises(NevaError, match="metadata.json is not valid JSON"):
+    with pytest.raises(NevaError, match=r"metadata\.json is not valid JSON"):
         safe_dist.check_directory(directory)
     (directory / "metadata.json").unlink()
-    with pytest.raises(NevaError, match="no metadata.json"):
+    with pytest.raises(NevaError, match=r"no metadata\.json"):
         safe_dist.check_directory(directory)
 
 
@@ -193,9 +193,9 @@ def test_sharded_objects_load_with_weights_only(tmp_path: Path) -> None:
                 assert torch.equal(loaded["w"], torch.arange(6.0)) and loaded["obj"]["step"] == 3
                 assert torch.equal(loaded["obj"]["rng"], good["rng"]) and loaded["obj"]["betas"] == (0.9, 0.95)
             else:
-                with pytest.raises(NevaError, match="'rng_state/shard_0_1' tries to load posix.system"):
-                    with safe_dist.refusals_unwrapped():
-                        dist_checkpointing.load(request, str(directory))
+                refused = r"'rng_state/shard_0_1' tries to load posix\.system"
+                with pytest.raises(NevaError, match=refused), safe_dist.refusals_unwrapped():
+                    dist_checkpointing.load(request, str(directory))
     assert not marker.exists()
     shutil.rmtree(tmp_path / "evil")
 
