@@ -22,7 +22,7 @@ import yaml
 
 from neva_tools.checkpoint.nemo_archive import MemberReader
 from neva_tools.checkpoint.torch_lazy import LazyStateDict
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import NEMO_FILE, atomic_path
 
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -63,11 +63,14 @@ class _CountingWriter(io.RawIOBase):
 
 
 class NemoWriter:
-    """Write a ``.nemo`` tar member by member; the archive appears at its path only when complete."""
+    """Write a ``.nemo`` tar member by member; the archive appears at its path only when complete.
+
+    An existing path is replaced (``overwrite``) only when it is a ``.nemo`` (``atomic.NEMO_FILE``).
+    """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         self.path = Path(path)
-        self._atomic = atomic_path(self.path, overwrite=overwrite)
+        self._atomic = atomic_path(self.path, kind=NEMO_FILE, overwrite=overwrite)
         self._fh: IO[bytes] | None = None
         self._dirs: set[str] = set()
         self.tmp_path: Path | None = None
@@ -162,7 +165,7 @@ class NemoWriter:
         deterministic = torch.utils.deterministic
         fill, deterministic.fill_uninitialized_memory = deterministic.fill_uninitialized_memory, False
         try:
-            blank = {key: torch.empty(tuple(shape), dtype=dtype) for key, (shape, dtype) in specs.items()}
+            blank = {key: torch.empty(tuple(shape), dtype=dtype, device="cpu") for key, (shape, dtype) in specs.items()}
         finally:
             deterministic.fill_uninitialized_memory = fill
         with self.stream(name) as fh, torch.serialization.skip_data():

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     _tokenization_args(pack, required=True)
     pack.add_argument("--truncate", action="store_true", help="truncate text-only samples longer than a bin")
     pack.add_argument("--output", help="write the plan (bins of record indices) as JSON here")
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing --output plan")
     pack.set_defaults(func=run_pack)
 
     pre = dsub.add_parser("preprocess", parents=[parent], help="tokenize a JSONL text corpus into megatron mmap files")
@@ -91,8 +92,11 @@ def run_pack(args: argparse.Namespace) -> int:
     from neva_tools.data.images import ImageProcessor
     from neva_tools.data.packing import first_fit_decreasing
     from neva_tools.data.registry import DatasetSpec, DatasetUse
+    from neva_tools.utils.atomic import PACK_PLAN, atomic_path, check_output_path
     from neva_tools.utils.log import progress
 
+    if args.output:
+        check_output_path(Path(args.output), args.overwrite, PACK_PLAN)
     folder = Path(args.image_folder) if args.image_folder else None
     use = DatasetUse(DatasetSpec("dataset", Path(args.annotations), folder, args.template))
     ds = NevaDataset([use], args.tokenizer, ImageProcessor(args.image_size), image_tokens=_image_tokens(args))
@@ -105,7 +109,8 @@ def run_pack(args: argparse.Namespace) -> int:
     if args.output:
         out = {"max_seq_length": args.max_seq_length, "fill_ratio": plan.fill_ratio, "bins": plan.bins,
                "truncated": plan.truncated}  # fmt: skip
-        Path(args.output).write_text(json.dumps(out) + "\n")
+        with atomic_path(args.output, kind=PACK_PLAN, overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps(out) + "\n")
         print(f"Wrote the packing plan to {args.output}")
     return 0
 

@@ -41,15 +41,15 @@ def run(args: argparse.Namespace) -> int:
     from neva_tools.inference.evaluate import EvalSettings, evaluate, load_candidates
     from neva_tools.inference.load import load_neva
     from neva_tools.inference.session import inference_session
-    from neva_tools.utils.atomic import atomic_path, check_output_path
+    from neva_tools.utils.atomic import EVAL_PREDICTIONS, EVAL_REPORT, atomic_path, check_output_path
     from neva_tools.utils.log import global_rank
 
     if not Path(args.data).is_file():
         raise NevaError(f"--data {args.data} does not exist")
     output = Path(args.output or f"{Path(args.data).stem}.eval.json")
-    for path in (output, args.predictions):
+    for path, kind in ((output, EVAL_REPORT), (args.predictions, EVAL_PREDICTIONS)):
         if path is not None:
-            check_output_path(Path(path), args.overwrite)
+            check_output_path(Path(path), args.overwrite, kind)
     settings = EvalSettings(
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         batch_size=args.batch_size,
@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         report, predictions = evaluate(loaded, args.data, args.image_folder, settings)
     if global_rank() != 0:
         return 0
-    with atomic_path(output, overwrite=args.overwrite) as tmp:
+    with atomic_path(output, kind=EVAL_REPORT, overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     if args.predictions:
-        with atomic_path(args.predictions, overwrite=args.overwrite) as tmp:
+        with atomic_path(args.predictions, kind=EVAL_PREDICTIONS, overwrite=args.overwrite) as tmp:
             tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions))
     print(json.dumps({k: v for k, v in report.items() if k in ("loss", "choice", "generation")}, indent=2))
     print(f"report written to {output}")

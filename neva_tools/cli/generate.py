@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from neva_tools.inference.generate import Sampling
     from neva_tools.inference.load import load_neva
     from neva_tools.inference.session import inference_session
-    from neva_tools.utils.atomic import check_output_path
+    from neva_tools.utils.atomic import ANSWERS, check_output_path
     from neva_tools.utils.log import global_rank
 
     if args.batch is not None and (args.image or args.system):
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.batch is None) != (args.output is None):
         raise NevaError("--batch FILE.jsonl and --output ANSWERS.jsonl go together")
     if args.output is not None:
-        check_output_path(Path(args.output), args.overwrite)
+        check_output_path(Path(args.output), args.overwrite, ANSWERS)
         read_prompts(args.batch)  # a bad line fails before the model is loaded
     missing = [image for image in args.image if not Path(image).is_file()]
     if missing:

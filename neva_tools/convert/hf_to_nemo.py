@@ -31,6 +31,7 @@ from neva_tools.mappings import transforms
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import IGNORED_HF_SUFFIXES, LlamaArch
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.utils.atomic import NEMO_FILE, check_output_path
 from neva_tools.utils.log import progress
 from neva_tools.utils.resources import peak_rss_bytes
 
@@ -157,8 +158,7 @@ def convert_hf_to_nemo(
     """Convert HF model ``source`` (directory or hub repo id) to ``output`` (.nemo); see the module docstring."""
     start = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise NevaError(f"output {output} already exists; pass --overwrite to replace it")
+    check_output_path(output, overwrite, NEMO_FILE)
     if fmt not in ("legacy", "dist"):
         raise NevaError(f"--format {fmt!r} is not one of legacy, dist")
     src = resolve_hf_input(source, revision)

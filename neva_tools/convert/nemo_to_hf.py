@@ -24,7 +24,7 @@ from neva_tools.errors import NevaError
 from neva_tools.mappings import transforms
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import LlamaArch
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import HF_MODEL_DIR, atomic_path, check_output_path
 from neva_tools.utils.log import progress
 from neva_tools.utils.resources import peak_rss_bytes
 
@@ -104,6 +104,7 @@ def convert_nemo_to_hf(
     """Convert ``source`` (.nemo file or directory) to a Hugging Face model directory ``output``."""
     start = time.perf_counter()
     max_bytes = parse_size(max_shard_size)
+    check_output_path(Path(output), overwrite, HF_MODEL_DIR)
     with NemoArchive(source) as archive:
         cfg, arch = load_arch(archive)
         dtype = dtype or _PRECISION_TO_DTYPE.get(str(cfg.get("precision", "32")), "fp32")
@@ -112,7 +113,10 @@ def convert_nemo_to_hf(
         tensors = NemoTensors(archive, arch)
         hf_names = {name: hf for name, hf, _ in arch.entries()}
         params = 0
-        with atomic_path(output, directory=True, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        with (
+            atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp,
+            tempfile.TemporaryDirectory() as scratch,
+        ):
             shards = _ShardWriter(tmp, max_bytes)
             for name in progress(list(hf_names), desc="nemo-to-hf", unit="tensor"):  # the LLM only (not NeVA parts)
                 full = tensors.full(name)

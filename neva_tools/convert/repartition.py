@@ -30,6 +30,7 @@ from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.nemo_legacy import mcore_to_legacy
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.utils.atomic import NEMO_FILE, check_output_path
 from neva_tools.utils.log import progress
 from neva_tools.utils.resources import peak_rss_bytes
 
@@ -127,8 +128,7 @@ def repartition(
     """
     start = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise NevaError(f"output {output} already exists; pass --overwrite to replace it")
+    check_output_path(output, overwrite, NEMO_FILE)
     with NemoArchive(source) as archive:
         cfg, arch = load_arch(archive)
         tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)

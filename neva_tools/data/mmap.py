@@ -14,7 +14,8 @@ Differences from Megatron's tool, on purpose:
 - an empty text is a document with one empty sequence (``[EOD]`` with ``append_eod``), so documents,
   sequences and input lines always match (Megatron's tool writes a document with no sequence);
 - both files are written under hidden temporary names next to the target and renamed together at the
-  end: a failure or interrupt leaves neither;
+  end: a failure or interrupt leaves neither. ``overwrite`` replaces only an earlier ``.bin``/``.idx`` pair
+  (the ``.idx`` starting with megatron's ``MMIDIDX`` header), never other files;
 - with ``workers > 1`` at most ``4 * workers`` chunks are in flight (``Pool.imap`` reads the whole input
   ahead when the workers are slower than the reader); the output is byte-identical to ``workers=1``.
 
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from neva_tools.errors import NevaError
-from neva_tools.utils.atomic import check_output_path
+from neva_tools.utils.atomic import MMAP_BIN, MMAP_IDX, check_output_path
 from neva_tools.utils.log import progress
 
 _SNIPPET = 80
@@ -217,11 +218,6 @@ def preprocess_jsonl(
     Several inputs are concatenated in the order given. ``workers > 1`` tokenizes ``chunk_size`` lines per
     task in a spawned process pool; the output does not depend on ``workers`` or ``chunk_size``.
     """
-    import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    from neva_tools.tokenizer.text import TextTokenizer
-
     start = time.perf_counter()
     inputs = [Path(p) for p in ([input] if isinstance(input, str | os.PathLike) else input)]
     if not inputs:
@@ -233,15 +229,21 @@ def preprocess_jsonl(
         raise NevaError(f"workers ({workers}) and chunk_size ({chunk_size}) must be at least 1")
     if not json_key:
         raise NevaError("json_key is empty; give the name of the JSON field that holds the text")
+    prefix = document_prefix(output_prefix, json_key)
+    bin_path, idx_path = prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
+    check_output_path(bin_path, overwrite, MMAP_BIN)
+    check_output_path(idx_path, overwrite, MMAP_IDX)
+
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from neva_tools.tokenizer.text import TextTokenizer
+
     tokenizer = TextTokenizer(tokenizer_path)
     eod = tokenizer.eos_id if append_eod else None
     if append_eod and eod is None:
         raise NevaError(f"tokenizer {tokenizer_path} has no EOS token, so append_eod cannot be used; drop it")
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    prefix = document_prefix(output_prefix, json_key)
-    bin_path, idx_path = prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
-    for path in (bin_path, idx_path):
-        check_output_path(path, overwrite)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp_bin, tmp_idx = _temp_path(bin_path), _temp_path(idx_path)
     args = (str(tokenizer_path), json_key, eod, np.dtype(dtype).str)

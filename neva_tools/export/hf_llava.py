@@ -37,7 +37,7 @@ from neva_tools.export.source import NemoSource, NevaSource, mm_setting
 from neva_tools.export.tokenizer import check_chat_template, ensure_image_token, hf_tokenizer
 from neva_tools.export.vision import VisionTower
 from neva_tools.tokenizer.text import TextTokenizer
-from neva_tools.utils.atomic import atomic_path, check_output_path
+from neva_tools.utils.atomic import HF_MODEL_DIR, atomic_path, check_output_path
 from neva_tools.utils.log import progress
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ def export_hf_llava(
     ``neva_tools.export.source``), ``template`` the conversation template; ``dtype`` is fp32/bf16/fp16 (default:
     the ``.nemo``'s precision).
     """
+    check_output_path(Path(output_dir), overwrite, HF_MODEL_DIR)
     with NemoSource(nemo_path, llm=llm) as source:
         return write_llava(source, output_dir, vision=vision, template=template, dtype=dtype,
                            max_shard_size=max_shard_size, overwrite=overwrite)  # fmt: skip
@@ -81,7 +82,6 @@ def write_llava(source: NevaSource, output: str | Path, *, vision: str | Path | 
                 template: str | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
                 overwrite: bool = False) -> Path:  # fmt: skip
     """Write ``source`` (a ``NemoSource`` or ``CheckpointSource``) as a llava-hf directory; see the module docstring."""
-    check_output_path(Path(output), overwrite)
     cfg, arch = source.cfg, source.arch
     max_bytes = parse_size(max_shard_size)
     tpl = get_template(template_name(cfg, template))
@@ -94,7 +94,7 @@ def write_llava(source: NevaSource, output: str | Path, *, vision: str | Path | 
     tower.arch.kept_layers(select)  # a select layer outside the tower is an error naming both
     projector = source.projector()
     _check_projector(projector, arch.hidden_size, tower, source.where)
-    with atomic_path(output, directory=True, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         tok_path = source.tokenizer(Path(scratch))
         ours = TextTokenizer(tok_path)
         tok = hf_tokenizer(tok_path, tpl)

@@ -37,6 +37,7 @@ from neva_tools.mappings.clip import HF_PREFIX, ClipVisionArch, hf_clip_state_to
 from neva_tools.mappings.llama import LlamaArch
 from neva_tools.mappings.projector import nemo_to_llava_hf
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.utils.atomic import HF_MODEL_DIR, NEMO_FILE, atomic_path, check_output_path
 from neva_tools.utils.log import progress
 
 logger = logging.getLogger(__name__)
@@ -161,12 +162,13 @@ def import_hf_llava(
     """Convert llava-hf directory (or hub id) ``source`` to the NeVA ``.nemo`` ``output``; see the module docstring.
 
     ``vision_dir`` also writes the CLIP tower as a HF ``CLIPVisionModel`` directory there and points
-    ``mm_cfg.vision_encoder.from_pretrained`` at it (what ``neva train`` reads).
+    ``mm_cfg.vision_encoder.from_pretrained`` at it (what ``neva train`` reads). ``overwrite`` applies to both.
     """
     start = time.perf_counter()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise NevaError(f"output {output} already exists; pass --overwrite to replace it")
+    check_output_path(output, overwrite, NEMO_FILE)
+    if vision_dir is not None:
+        check_output_path(Path(vision_dir), overwrite, HF_MODEL_DIR)
     src = resolve_hf_input(str(source))
     with HFCheckpoint(src) as ckpt:
         where = str(src / "config.json")
@@ -190,7 +192,7 @@ def import_hf_llava(
             logger.info("no --template given: using %s (LLaVA-1.5's conversation format)", tpl)
         settings = _processor_settings(src)
         aspect = provenance.get("image_aspect_ratio") or ("square" if settings.get("do_pad") is False else "pad")
-        vision_path = _write_vision_dir(vision_dir, vision, varch.to_hf_config()) if vision_dir else None
+        vision_path = _write_vision_dir(vision_dir, vision, varch.to_hf_config(), overwrite) if vision_dir else None
         cfg = nemo_config(arch, text_cfg, tp, dtype, divisible_by)
         cfg.update(
             mm_cfg={
@@ -243,14 +245,13 @@ def _projector(tensors: LlavaTensors, llm_hidden: int, vision_hidden: int, where
     return {nemo: found[hf] for nemo, hf in names.items()}
 
 
-def _write_vision_dir(directory: str | Path, vision: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+def _write_vision_dir(directory: str | Path, vision: dict[str, torch.Tensor], config: dict[str, Any],
+                      overwrite: bool) -> str:  # fmt: skip
     """Write the tower as a HF ``CLIPVisionModel`` directory (transformers 5 names); return its absolute path."""
     from safetensors.torch import save_file
 
-    from neva_tools.utils.atomic import atomic_path
-
     target = Path(directory)
-    with atomic_path(target, directory=True, overwrite=True) as tmp:
+    with atomic_path(target, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPVisionModel"]}, indent=2))
         save_file({n: t.contiguous() for n, t in vision.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})  # fmt: skip

@@ -4,7 +4,8 @@ A run keeps ``runs/NAME/checkpoints/step=N`` (megatron-core ``torch_dist``, see 
 and, once finished, ``runs/NAME/NAME.nemo``. The checkpoints hold weights only, so the model is described by the
 run's final ``.nemo`` config or, for a run still in progress, by the training config given again (``--config``,
 ``--set key=value``). Each checkpoint becomes ``OUTPUT/step=N``; a step whose directory exists is skipped (outputs
-appear only when complete), so re-running converts just the new checkpoints.
+appear only when complete), so re-running converts just the new checkpoints. ``OUTPUT`` must hold nothing but such
+``step=N`` directories, and ``--overwrite`` replaces only Hugging Face model directories (checked before converting).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from typing import Any
 
 from neva_tools.errors import NevaError
 from neva_tools.export.source import CheckpointSource
+from neva_tools.utils.atomic import (
+    CHECKPOINT_EXPORTS_DIR,
+    HF_MODEL_DIR,
+    atomic_path,
+    check_output_kind,
+    check_output_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +89,10 @@ def convert_all(run_dir: str | Path, output: str | Path, write: Callable[[Checkp
     if not run_dir.is_dir():
         raise NevaError(f"run directory {run_dir} does not exist")
     found = run_checkpoints(run_dir)
+    check_output_kind(output, CHECKPOINT_EXPORTS_DIR)
     todo = [c for c in found if overwrite or not (output / c.name).exists()]
+    for checkpoint in todo:
+        check_output_path(output / checkpoint.name, overwrite, HF_MODEL_DIR)
     results = [StepResult(c, output / c.name, False) for c in found if c not in todo]
     for done in results:
         logger.info("%s: already converted, skipped (%s)", done.checkpoint.name, done.output)
@@ -104,13 +115,12 @@ def write_llm(source: CheckpointSource, output: Path, *, dtype: str | None = Non
     """
     from neva_tools.convert.hf_to_nemo import DTYPES
     from neva_tools.convert.nemo_to_hf import _HF_DTYPE_NAMES, _PRECISION_TO_DTYPE, _ShardWriter, hf_tensors, parse_size
-    from neva_tools.utils.atomic import atomic_path
 
     dtype = dtype or _PRECISION_TO_DTYPE.get(str(source.cfg.get("precision", "32")), "fp32")
     if dtype not in DTYPES:
         raise NevaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     arch = source.arch
-    with atomic_path(output, directory=True, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         shards = _ShardWriter(tmp, parse_size(max_shard_size))
         for name, hf_names, split in arch.entries():
             for hf_name, tensor in hf_tensors(name, source.llm_tensor(name), split, hf_names, arch).items():

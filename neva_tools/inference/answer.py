@@ -18,7 +18,7 @@ from neva_tools.errors import NevaError
 from neva_tools.inference.generate import Generation, Sampling, generate
 from neva_tools.inference.load import LoadedNeva, load_images
 from neva_tools.inference.prompt import generation_prompt, stop_token_ids, user_message
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import ANSWERS, atomic_path, check_output_path
 from neva_tools.utils.log import global_rank, progress
 
 PROMPT_KEYS = ("id", "prompt", "image", "images", "system")
@@ -69,8 +69,8 @@ def answer_file(loaded: LoadedNeva, path: str | Path, output: str | Path, *, ima
                 overwrite: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Answer every prompt of the batch file ``path``; rank 0 writes ``output`` (JSONL). Returns the rows."""
     records = read_prompts(path)
-    if global_rank() == 0 and Path(output).exists() and not overwrite:
-        raise NevaError(f"output {output} already exists; pass --overwrite to replace it, or choose another path")
+    if global_rank() == 0:
+        check_output_path(Path(output), overwrite, ANSWERS)
     rows = []
     for record in progress(records, desc="prompts", unit="prompt"):
         images = [resolve_media(p, image_folder) for p in record.images]
@@ -79,6 +79,6 @@ def answer_file(loaded: LoadedNeva, path: str | Path, output: str | Path, *, ima
         rows.append({"id": record.id, "prompt": record.raw["prompt"], "answer": out.text, "stop": out.stop,
                      "new_tokens": len(out.tokens)})  # fmt: skip
     if global_rank() == 0:
-        with atomic_path(output, overwrite=overwrite) as tmp:
+        with atomic_path(output, kind=ANSWERS, overwrite=overwrite) as tmp:
             tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return rows

@@ -12,7 +12,7 @@ from neva_tools.errors import NevaError
 from neva_tools.tokenizer import hf_tokenizer
 from neva_tools.tokenizer import sentencepiece_model as spmodel
 from neva_tools.tokenizer.tokens import TokenResult
-from neva_tools.utils.atomic import atomic_path, check_output_path
+from neva_tools.utils.atomic import HF_TOKENIZER_DIR, SENTENCEPIECE_MODEL, atomic_path, check_output_path
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _check_paths(src: Path, dst: Path, in_place: bool, overwrite: bool) -> bool:
     if in_place and not same:
         raise NevaError(f"--in-place given but --output {dst} differs from --input {src}; drop one of them")
     if not same:
-        check_output_path(dst, overwrite)
+        check_output_path(dst, overwrite, HF_TOKENIZER_DIR if src.is_dir() else SENTENCEPIECE_MODEL)
     return same
 
 
@@ -69,7 +69,7 @@ def add_tokens(
     results = spmodel.add_pieces(proto, tokens, piece_type)
     if same and not any(r.created for r in results):
         return AddTokensReport(results, len(proto.pieces), dst, "sentencepiece")
-    with atomic_path(dst, overwrite=True) as tmp:
+    with atomic_path(dst, kind=SENTENCEPIECE_MODEL, overwrite=True) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         vocab = spmodel.verify_model_file(tmp, results, piece_type)
         shutil.copymode(src, tmp)

@@ -12,7 +12,7 @@ from typing import Any
 
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.tokens import TokenResult
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import HF_TOKENIZER_DIR, atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def add_special_tokens(
         if new:
             _save_in_place(tok, dst, results)
     else:
-        with atomic_path(dst, directory=True, overwrite=overwrite) as tmp:
+        with atomic_path(dst, kind=HF_TOKENIZER_DIR, overwrite=overwrite) as tmp:
             tok.save_pretrained(str(tmp))
             _verify(tmp, results)
     return results, len(tok)

@@ -10,7 +10,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from neva_tools.errors import NevaError
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import SENTENCEPIECE_MODEL, atomic_path, check_output_path
 
 
 def train_sentencepiece(
@@ -24,6 +24,7 @@ def train_sentencepiece(
     overwrite: bool = False,
 ) -> Path:
     """Train a LLaMA-style sentencepiece model (unk=0, bos=1, eos=2) on ``sentences`` and write it atomically."""
+    check_output_path(Path(output), overwrite, SENTENCEPIECE_MODEL)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -43,7 +44,7 @@ def train_sentencepiece(
         )
     except RuntimeError as exc:
         raise NevaError(f"sentencepiece training failed: {exc}") from None
-    with atomic_path(output, overwrite=overwrite) as tmp:
+    with atomic_path(output, kind=SENTENCEPIECE_MODEL, overwrite=overwrite) as tmp:
         tmp.write_bytes(buffer.getvalue())
     return Path(output)
 

@@ -72,12 +72,15 @@ def test_tp_must_divide_heads_and_groups(llama_dir: Path, tmp_path: Path) -> Non
 
 def test_existing_output_needs_overwrite(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.nemo"
-    out.write_bytes(b"precious")
-    with pytest.raises(NevaError, match="--overwrite"):
+    convert_hf_to_nemo(str(llama_dir), out)
+    with pytest.raises(NevaError, match="already exists; pass --overwrite"):
         convert_hf_to_nemo(str(llama_dir), out)
-    assert out.read_bytes() == b"precious"
     convert_hf_to_nemo(str(llama_dir), out, overwrite=True)
     assert out.stat().st_size > 1000
+    out.write_bytes(b"precious")  # not a .nemo: never replaced
+    with pytest.raises(NevaError, match=r"is a file of 8 bytes that is not a \.nemo file"):
+        convert_hf_to_nemo(str(llama_dir), out, overwrite=True)
+    assert out.read_bytes() == b"precious"
 
 
 def test_pytorch_bin_loaded_with_weights_only(llama_dir: Path, tmp_path: Path) -> None:

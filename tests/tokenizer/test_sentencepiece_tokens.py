@@ -148,9 +148,12 @@ def test_output_equal_to_input_needs_in_place(sp_model: Path, tmp_path: Path) ->
 def test_existing_output_needs_overwrite(sp_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.model"
     out.write_bytes(b"keep me")
-    with pytest.raises(NevaError, match="--overwrite"):
-        add_tokens(sp_model, out, NEVA, "user_defined")
+    with pytest.raises(NevaError, match="not a sentencepiece model"):
+        add_tokens(sp_model, out, NEVA, "user_defined", overwrite=True)
     assert out.read_bytes() == b"keep me"
+    out.write_bytes(sp_model.read_bytes())
+    with pytest.raises(NevaError, match="already exists; pass --overwrite"):
+        add_tokens(sp_model, out, NEVA, "user_defined")
     add_tokens(sp_model, out, NEVA, "user_defined", overwrite=True)
     assert len(spmodel.load_proto(out).pieces) == len(spmodel.load_proto(sp_model).pieces) + 8
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from neva_tools.errors import NevaError
-from neva_tools.utils.atomic import atomic_path
+from neva_tools.utils.atomic import HF_MODEL_DIR, atomic_path
 
 
 def test_file_gets_umask_permissions(tmp_path: Path) -> None:
@@ -16,7 +16,7 @@ def test_file_gets_umask_permissions(tmp_path: Path) -> None:
     try:
         with atomic_path(tmp_path / "out.bin") as tmp:
             tmp.write_bytes(b"x")
-        with atomic_path(tmp_path / "outdir", directory=True) as tmp:
+        with atomic_path(tmp_path / "outdir", kind=HF_MODEL_DIR) as tmp:
             (tmp / "f").write_text("y")
     finally:
         os.umask(old)
@@ -27,12 +27,13 @@ def test_file_gets_umask_permissions(tmp_path: Path) -> None:
 def test_replace_directory_and_refuse_without_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "d"
     target.mkdir()
-    (target / "old").write_text("old")
-    with pytest.raises(NevaError, match="--overwrite"), atomic_path(target, directory=True, overwrite=False):
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_text("old")
+    with pytest.raises(NevaError, match="--overwrite"), atomic_path(target, kind=HF_MODEL_DIR, overwrite=False):
         pass
-    with atomic_path(target, directory=True) as tmp:
-        (tmp / "new").write_text("new")
-    assert sorted(os.listdir(target)) == ["new"]
+    with atomic_path(target, kind=HF_MODEL_DIR) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(os.listdir(target)) == ["config.json"]
     assert sorted(os.listdir(tmp_path)) == ["d"]
 
 
