@@ -2,8 +2,8 @@
 """Drop-in for NeMo's ``scripts/tokenizers/add_special_tokens_to_sentencepiece.py``.
 
 Accepts NeMo's flags and keeps its defaults (tokens are ``control`` pieces unless ``--is_userdefined``;
-an existing output file is replaced), but needs no ``protoc`` run and calls the same code as
-``neva tokenizer add-tokens``.
+an existing sentencepiece model at the output is replaced, any other file is refused), but needs no ``protoc``
+run and calls the same code as ``neva tokenizer add-tokens``.
 """
 
 from __future__ import annotations
