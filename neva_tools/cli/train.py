@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 def run(args: argparse.Namespace) -> int:
     """``neva train``."""
+    from neva_tools.train.supervision import die_with_launcher
+
+    die_with_launcher()  # first: a rank whose launcher is killed must not train on unsupervised
     from neva_tools.train.config import load_config
     from neva_tools.train.run import train
 

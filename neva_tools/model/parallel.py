@@ -86,6 +86,19 @@ def _init_process_group(env: LaunchEnv, backend: str) -> None:
     )
 
 
+def init_process_group(backend: str | None = None) -> LaunchEnv:
+    """Only the default process group of this launch (no megatron state); a no-op if one exists.
+
+    Lightning's strategy and ``init_distributed`` reuse it. ``backend`` defaults to nccl with CUDA, gloo without.
+    """
+    cuda = torch.cuda.is_available()
+    env = launch_env()
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    _init_process_group(env, backend or ("nccl" if cuda else "gloo"))
+    return env
+
+
 def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, seed: int = 1234) -> None:
     """Initialize torch.distributed and megatron-core's parallel state, and seed the RNGs.
 

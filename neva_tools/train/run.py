@@ -73,9 +73,22 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> Path | None:
-    """Run the training job described by ``cfg``; return the final ``.nemo`` (on global rank 0)."""
-    if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
-        return train_text(cfg)  # LLM-only continued pretraining on mmap text
+    """Run the training job described by ``cfg``; return the final ``.nemo`` (on global rank 0).
+
+    A launched rank dies with its launcher; global rank 0 holds the run directory's lock for the whole job (a
+    second job on the same ``exp_manager.exp_dir/name`` stops at once on every rank, see ``train.supervision``).
+    """
+    from neva_tools.train.supervision import claim_run_dir, die_with_launcher
+
+    die_with_launcher()
+    with claim_run_dir(Path(cfg.exp_manager.exp_dir) / cfg.name):
+        if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
+            return train_text(cfg)  # LLM-only continued pretraining on mmap text
+        return _train_neva(cfg)
+
+
+def _train_neva(cfg: DictConfig) -> Path | None:
+    """The NeVA (vision-language) job of ``train``."""
     from megatron.core import parallel_state
     from torch.utils.data import DataLoader
 
