@@ -79,9 +79,12 @@ def train(cfg: DictConfig) -> Path | None:
     second job on the same ``exp_manager.exp_dir/name`` stops at once on every rank, see ``train.supervision``).
     """
     from neva_tools.train.supervision import claim_run_dir, die_with_launcher
+    from neva_tools.utils.atomic import NEMO_FILE, check_output_kind
 
     die_with_launcher()
-    with claim_run_dir(Path(cfg.exp_manager.exp_dir) / cfg.name):
+    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    check_output_kind(run_dir / f"{cfg.name}.nemo", NEMO_FILE)  # the final model's path: refuse before training
+    with claim_run_dir(run_dir):
         if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
             return train_text(cfg)  # LLM-only continued pretraining on mmap text
         return _train_neva(cfg)

@@ -164,6 +164,17 @@ def test_neva_train_on_a_locked_run_dir_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "runs" / "busy" / "config.yaml").exists()  # nothing written into the busy run
 
 
+def test_neva_train_refuses_an_unrelated_file_at_the_final_nemo_path_before_training(tmp_path: Path) -> None:
+    final = tmp_path / "runs" / "job" / "job.nemo"
+    final.parent.mkdir(parents=True)
+    final.write_text("important")
+    done = subprocess.run([sys.executable, "-m", "neva_tools", "train", "name=job",
+                           f"exp_manager.exp_dir={tmp_path / 'runs'}"], env=plain_env(), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and f"output {final} is a file of 9 bytes that is not a .nemo file" in done.stderr
+    assert final.read_text() == "important" and not (final.parent / "config.yaml").exists()
+
+
 def claim_job(rank: int, world_size: int, run_dir: str) -> tuple[str, Any]:
     """``claim_run_dir`` on every rank: ("held", rank 0 holds the lock) or ("refused", the message)."""
     from neva_tools.errors import NevaError
