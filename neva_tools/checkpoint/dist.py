@@ -99,7 +99,7 @@ def load_full(names: Iterable[str], directory: Path, num_layers: int) -> dict[st
     for name in names:
         key, layer = dist_key(name)
         shape = shapes[key][1:] if layer is not None else shapes[key]
-        empty.append((name, torch.empty(shape, dtype=torch.float32)))
+        empty.append((name, torch.empty(shape, dtype=torch.float32, device="cpu")))  # read to CPU memory
     with single_process_group(), refusals_unwrapped():
         request = sharded_tensors(empty, num_layers)
         _cast_to_stored_dtypes(request, directory)

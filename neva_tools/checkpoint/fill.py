@@ -133,7 +133,7 @@ class RangeWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if not tensor.is_contiguous():
             if self._scratch is None or self._scratch.numel() < nbytes:
-                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
             tensor = self._scratch[:nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
         self._pwrite(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), dst_offset)
         self._wrote(dst_offset, nbytes)

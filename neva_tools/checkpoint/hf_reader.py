@@ -1,4 +1,7 @@
-"""Reading Hugging Face checkpoints one tensor at a time (safetensors, sharded or not, or ``pytorch_model*.bin``)."""
+"""Reading Hugging Face checkpoints one tensor at a time (safetensors, sharded or not, or ``pytorch_model*.bin``).
+
+Tensors are always read to CPU memory, whatever torch's default device.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class HFCheckpoint:
     def _index(self, file: Path) -> None:
         if file.suffix == ".safetensors":
             try:
-                with safe_open(str(file), framework="pt") as handle:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                         sl = handle.get_slice(name)
                         self._meta[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
@@ -139,7 +142,7 @@ class HFCheckpoint:
         file = self._meta[name][0]
         try:
             if file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt") as handle:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
                     tensor = handle.get_tensor(name)
             else:
                 tensor = self._handles[file][name]

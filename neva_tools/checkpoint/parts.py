@@ -65,7 +65,7 @@ def part_runs(
     """
     counts = [s.shape[0] for s in sources]
     bases = np.cumsum([0, *counts])
-    rows = [torch.arange(base + 1, base + 1 + n) for base, n in zip(bases.tolist(), counts, strict=False)]
+    rows = [torch.arange(base + 1, base + 1 + n, device="cpu") for base, n in zip(bases.tolist(), counts, strict=False)]
     ids = tp_rules.shard(assemble(rows), split, tp, rank, padded_vocab=padded_vocab).numpy() - 1  # -1: padding
     source = np.where(ids >= 0, np.searchsorted(bases[1:], ids, side="right"), PADDING)
     row = np.where(source == PADDING, 0, ids - bases[source.clip(min=0)])

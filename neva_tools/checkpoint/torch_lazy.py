@@ -13,7 +13,8 @@ parameter rebuild functions are replaced by functions returning ``TensorRef`` re
 classes by their dtypes, so nothing from the pickle constructs torch objects except ``torch.device`` and
 dtypes. Storage records must be stored uncompressed; their CRCs are not checked (that means reading them).
 
-Values: tensors (and parameters) come back as new contiguous CPU tensors (``requires_grad`` is dropped);
+Values: tensors (and parameters) come back as new contiguous CPU tensors, whatever torch's default device (a
+model built under ``with torch.device("cuda")`` still reads to CPU memory; ``requires_grad`` is dropped);
 ``io.BytesIO`` values (Transformer-Engine ``_extra_state``) as their ``bytes``; ``None`` and other plain
 values as is; nested dicts, lists and tuples with their tensors read.
 """
@@ -306,12 +307,12 @@ class LazyStateDict(Mapping[str, Any]):
     def _read(self, ref: TensorRef) -> torch.Tensor:
         start, end = ref.span()
         if start == end:
-            return torch.empty(ref.size, dtype=ref.dtype)
+            return torch.empty(ref.size, dtype=ref.dtype, device="cpu")
         key = ref.storage.key
         info = self._records.get(key)
         if info is None or end > info.file_size:
             raise NevaError(f"{self.name}: storage record data/{key} is missing or too short; the file is corrupt")
-        buf = torch.empty(end - start, dtype=torch.uint8)
+        buf = torch.empty(end - start, dtype=torch.uint8, device="cpu")  # never the default device: .numpy()
         view, done = memoryview(buf.numpy()), 0
         try:
             self._file.seek(self._data_offset(key, info) + start)

@@ -186,7 +186,7 @@ class CheckpointSource:
                 raise NevaError(f"{self.where} has no tensor {key}; it does not fit the run's config")
             self._cache = None
             shape, dtype = self.meta[key]
-            request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype))}
+            request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype, device="cpu"))}
             with single_process_group(), refusals_unwrapped():
                 self._cache = (key, dist_checkpointing.load(request, str(self.directory))[key])
         return self._cache[1]

@@ -163,4 +163,4 @@ def load_neva(
 def load_images(paths: list[str | Path], processor: ImageProcessor) -> torch.Tensor:
     """Images ``[n, 3, H, W]`` (``n`` may be 0) for the model; unreadable files raise ``NevaError``."""
     size = processor.image_size
-    return torch.stack([processor(p) for p in paths]) if paths else torch.empty(0, 3, size, size)
+    return torch.stack([processor(p) for p in paths]) if paths else torch.empty(0, 3, size, size, device="cpu")

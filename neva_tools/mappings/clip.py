@@ -347,6 +347,8 @@ def transformer_config(
     """
     from megatron.core.transformer import TransformerConfig
 
+    from neva_tools.model.gpt import fused_softmax_available
+
     if tp < 1 or arch.num_heads % tp:
         raise NevaError(f"tensor_model_parallel_size ({tp}) must divide the vision num_attention_heads "
                         f"({arch.num_heads})")  # fmt: skip
@@ -373,7 +375,7 @@ def transformer_config(
         apply_query_key_layer_scaling=False,
         bias_activation_fusion=False,  # see the module docstring
         bias_dropout_fusion=cuda,
-        masked_softmax_fusion=cuda,
+        masked_softmax_fusion=cuda and fused_softmax_available(),  # apex's kernels (the GPU images have them)
         persist_layer_norm=False,
         tensor_model_parallel_size=tp,
         use_cpu_initialization=not cuda,

@@ -6,7 +6,12 @@ rotary_percentage, seq_len_interpolation_factor, scale_positional_embedding, rop
 normalization, layernorm_epsilon, activation, bias, qkv_bias, share_embeddings_and_output_weights, hidden_dropout,
 attention_dropout, init_method_std, tensor_model_parallel_size, pipeline_model_parallel_size,
 apply_query_key_layer_scaling, persist_layer_norm, masked_softmax_fusion, bias_activation_fusion,
-bias_dropout_add_fusion``. Defaults are NeMo's.
+bias_dropout_add_fusion, gradient_accumulation_fusion, apply_rope_fusion``. Defaults are NeMo's.
+
+Kernel fusions: the model is built with megatron-core's local (non-Transformer-Engine) spec, on CPU and GPU alike,
+so a fusion the config asks for is kept only where that spec can run it (see :func:`fusion_flags`); the others are
+switched off with one logged note (NeMo's LLaMA configs set ``persist_layer_norm: true``, which megatron-core's
+torch norms assert against).
 
 LLaMA-3.1 RoPE scaling: megatron-core 0.16.1 takes ``rope_scaling`` (on/off) and ``rope_scaling_factor`` as
 ``GPTModel`` arguments, but ``RotaryEmbedding`` calls ``_apply_scaling(inv_freq, factor=...)`` only, so
@@ -19,6 +24,7 @@ original_max_position_embeddings}`` mapping.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -54,6 +60,28 @@ ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], bool]] = {
 }
 
 POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute")
+
+#: megatron-core fusion flag → (NeMo key, NeMo's default). The first three are never possible with the local spec:
+#: its torch norms assert ``not persist_layer_norm``; gradient-accumulation fusion needs apex's
+#: ``fused_weight_gradient_mlp_cuda`` or Transformer Engine linears; RoPE fusion needs Transformer Engine (and
+#: :mod:`neva_tools.model.rope` applies RoPE itself).
+FUSIONS: dict[str, tuple[str, bool]] = {
+    "persist_layer_norm": ("persist_layer_norm", False),
+    "gradient_accumulation_fusion": ("gradient_accumulation_fusion", False),
+    "apply_rope_fusion": ("apply_rope_fusion", False),
+    "masked_softmax_fusion": ("masked_softmax_fusion", True),
+    "bias_activation_fusion": ("bias_activation_fusion", True),
+    "bias_dropout_fusion": ("bias_dropout_add_fusion", True),
+}
+#: The compiled softmax kernels (apex's) that ``masked_softmax_fusion`` calls in megatron-core's softmax, which the
+#: local spec's attention falls back to (sliding windows, softmax offsets; see :mod:`neva_tools.model.attention`).
+SOFTMAX_KERNELS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda", "scaled_softmax_cuda")
+_NOTED: set[tuple[bool, tuple[str, ...]]] = set()  # fusion notes already logged (one per process and setting)
+
+
+def fused_softmax_available() -> bool:
+    """True where the softmax kernels ``masked_softmax_fusion`` calls (:data:`SOFTMAX_KERNELS`) are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in SOFTMAX_KERNELS)
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -153,11 +181,40 @@ def gpt_model_kwargs(cfg: Any) -> dict[str, Any]:
     }
 
 
+def fusion_flags(cfg: Mapping[str, Any], *, cuda: bool, activation_func: Callable[..., Any], gated: bool,
+                 bias: bool) -> dict[str, bool]:  # fmt: skip
+    """megatron-core's fusion flags (:data:`FUSIONS`) for the local spec: what ``cfg`` asks for, less what cannot run.
+
+    On CPU every fusion is off. On CUDA ``persist_layer_norm``, ``gradient_accumulation_fusion`` and
+    ``apply_rope_fusion`` are off too; ``masked_softmax_fusion`` stays only where apex's softmax kernels are
+    installed, ``bias_activation_fusion`` only for an activation megatron-core fuses (GELU with a bias or gated,
+    SwiGLU), ``bias_dropout_add_fusion`` (plain torch) always. Flags asked for and switched off are logged once.
+    """
+    fusable_activation = (activation_func is F.gelu and (gated or bias)) or (activation_func is F.silu and gated)
+    possible = {
+        "persist_layer_norm": False,
+        "gradient_accumulation_fusion": False,
+        "apply_rope_fusion": False,
+        "masked_softmax_fusion": cuda and fused_softmax_available(),
+        "bias_activation_fusion": cuda and fusable_activation,
+        "bias_dropout_fusion": cuda,
+    }
+    asked = {name: bool(_get(cfg, key, default)) for name, (key, default) in FUSIONS.items()}
+    dropped = tuple(FUSIONS[name][0] for name in FUSIONS if asked[name] and not possible[name])
+    if dropped and (cuda, dropped) not in _NOTED:
+        _NOTED.add((cuda, dropped))
+        where = "on CUDA" if cuda else "on CPU, where none is available"
+        logger.log(logging.INFO if cuda else logging.DEBUG,
+                   "kernel fusions switched off (megatron-core's local, non-Transformer-Engine layer spec cannot "
+                   "use them %s): %s", where, ", ".join(dropped))  # fmt: skip
+    return {name: asked[name] and possible[name] for name in FUSIONS}
+
+
 def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """A megatron-core ``TransformerConfig`` from NeMo ``model:`` keys, validated early with ``NevaError``.
 
-    On CPU, fusions (``persist_layer_norm``, ``masked_softmax_fusion``, ``bias_activation_fusion``,
-    ``bias_dropout_add_fusion``) are switched off and weights are initialized on the CPU.
+    Kernel fusions are those of :func:`fusion_flags` (all off on CPU); without CUDA, weights are initialized on
+    the CPU.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -192,14 +249,8 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
     gpt_model_kwargs(cfg)  # validate position-embedding keys early too
 
     cuda = torch.cuda.is_available()
-    fusions = {
-        "persist_layer_norm": bool(_get(cfg, "persist_layer_norm", False)),
-        "masked_softmax_fusion": bool(_get(cfg, "masked_softmax_fusion", True)),
-        "bias_activation_fusion": bool(_get(cfg, "bias_activation_fusion", True)),
-        "bias_dropout_fusion": bool(_get(cfg, "bias_dropout_add_fusion", True)),
-    }
-    if not cuda:
-        fusions = dict.fromkeys(fusions, False)
+    bias = bool(_get(cfg, "bias", True))
+    fusions = fusion_flags(cfg, cuda=cuda, activation_func=activation_func, gated=gated, bias=bias)
     qk_layer_scaling = bool(_get(cfg, "apply_query_key_layer_scaling", False)) and normalization != "rmsnorm"
     try:
         return TransformerConfig(
@@ -213,7 +264,7 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
             layernorm_epsilon=float(_get(cfg, "layernorm_epsilon", 1e-5)),
             activation_func=activation_func,
             gated_linear_unit=gated,
-            add_bias_linear=bool(_get(cfg, "bias", True)),
+            add_bias_linear=bias,
             add_qkv_bias=bool(_get(cfg, "qkv_bias", False)),
             hidden_dropout=float(_get(cfg, "hidden_dropout", 0.1)),
             attention_dropout=float(_get(cfg, "attention_dropout", 0.1)),

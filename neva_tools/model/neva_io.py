@@ -95,10 +95,10 @@ def load_projector(model: Any, nemo_path: str | Path, projector_type: str, tp: i
             raise NevaError(f"{nemo_path} has no {projector_type} projector (missing {', '.join(missing)})")
         local = {e.nemo.removeprefix("vision_projection."): tp_rules.shard(state[e.hf[0]], e.split, tp, rank)
                  for e in entries}  # fmt: skip
-    model.vision_projection.load_state_dict(local, strict=False)
+    model.vision_projection.load_state_dict(local, strict=False)  # copies the CPU tensors onto the model's device
     target = {k: v for k, v in model.vision_projection.state_dict().items() if not k.endswith("_extra_state")}
     for key, tensor in local.items():
-        if not torch.equal(target[key], tensor):
+        if not torch.equal(target[key].detach().cpu(), tensor):  # compared on the CPU, where the file was read
             raise NevaError(f"loading projector tensor {key} from {nemo_path} failed")
 
 

@@ -217,7 +217,8 @@ def _read_open_clip(name: str, pretrained: str | None) -> tuple[dict[str, torch.
     import open_clip
 
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+        with torch.device("cpu"):  # built and filled in CPU memory whatever the default device (cuda, meta)
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
     except (RuntimeError, ValueError, FileNotFoundError, KeyError) as exc:
         raise NevaError(f"open_clip could not build {name} from {pretrained or name}: {exc}") from None
     visual = model.visual

@@ -25,12 +25,15 @@ def mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int) -> torch.u
         return None
     if per_rank * world <= vocab_size:
         return None  # nothing padded
-    columns = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    columns = torch.arange(rank * per_rank, (rank + 1) * per_rank, device="cpu")  # not the default device
     padded = columns >= vocab_size
+    on_device: dict[torch.device, torch.Tensor] = {}  # the mask moved to the logits' device once, not every step
 
     def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         logits, bias = output
-        mask = padded.to(logits.device)
+        mask = on_device.get(logits.device)
+        if mask is None:
+            mask = on_device.setdefault(logits.device, padded.to(logits.device))
         return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
 
     return output_layer.register_forward_hook(hook)

@@ -31,7 +31,7 @@ def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             state = optimizer.state[p]
             if "exp_avg" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device="cpu")  # where AdamW keeps it
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -93,7 +93,7 @@ def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     common = loaded.get("common") or dist_checkpointing.load_common_state_dict(str(directory)).get("common", {})
     if optimizer is not None:
         optim_state = loaded["optimizer"]
-        step = torch.tensor(float(common.get("optimizer_step", 0.0)))
+        step = torch.tensor(float(common.get("optimizer_step", 0.0)), device="cpu")
         for param_state in optim_state["state"].values():
             param_state["step"] = step.clone()
         current = optimizer.state_dict()["param_groups"]

@@ -108,7 +108,7 @@ def tp_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device="cpu")
     for p in parameters:
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
             total = total + p.grad.detach().float().pow(2).sum().cpu()

@@ -49,12 +49,13 @@ class TextValidation(pl.Callback):
         model = module.model
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # summed on the device: no sync per batch
         with torch.no_grad():
             for batch in self.make_loader():
                 batch = {k: v.to(module.device) for k, v in batch.items()}
                 loss, tokens = gpt_loss(model, batch)
-                total += torch.tensor([float(loss) * float(tokens), float(tokens)], dtype=torch.float64)
+                tokens = tokens.double()
+                total += torch.stack([loss.double() * tokens, tokens])
         model.train(was_training)
         if parallel_state.get_data_parallel_world_size() > 1:
             device = module.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")

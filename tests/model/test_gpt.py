@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import sys
 from pathlib import Path
@@ -107,6 +109,40 @@ def test_transformer_config_mapping() -> None:
     fusions = ("persist_layer_norm", "masked_softmax_fusion", "bias_activation_fusion", "bias_dropout_fusion")
     assert not any(getattr(config, name) for name in fusions)  # off on CPU although the config asks for them
     assert transformer_config_from_nemo(TINY, params_dtype=torch.bfloat16).bf16
+
+
+def test_cuda_branch_drops_fusions_the_local_spec_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NeMo's LLaMA configs set ``persist_layer_norm: true``; megatron-core's torch norms assert against it on GPU.
+
+    Only the config object is built with CUDA reported available (no model is run): the fusions the local spec
+    cannot honour are off, those it can are kept, and one note says which were switched off.
+    """
+    import neva_tools.model.gpt as gpt
+    from neva_tools.mappings import clip
+
+    asked = {**TINY, "gradient_accumulation_fusion": True, "apply_rope_fusion": True}
+    monkeypatch.setattr(gpt, "_NOTED", set())  # notes are logged once per process and setting
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.DEBUG, logger="neva_tools.model.gpt"):
+        config = transformer_config_from_nemo(asked)
+        transformer_config_from_nemo(asked)
+        relu = transformer_config_from_nemo({**asked, "activation": "relu"})
+        vision = clip.transformer_config(clip.ClipVisionArch(28, 7, 32, 2, 4, 64))
+    monkeypatch.undo()
+    assert not config.use_cpu_initialization  # the CUDA branch
+    assert not (config.persist_layer_norm or config.gradient_accumulation_fusion or config.apply_rope_fusion)
+    kernels = all(importlib.util.find_spec(name) for name in gpt.SOFTMAX_KERNELS)  # apex's softmax kernels
+    assert config.masked_softmax_fusion == kernels == gpt.fused_softmax_available()
+    assert config.bias_activation_fusion and config.bias_dropout_fusion  # SwiGLU and bias-dropout-add: plain torch
+    assert not relu.bias_activation_fusion  # megatron-core has no fused bias-ReLU
+    assert not vision.use_cpu_initialization and not vision.persist_layer_norm
+    assert vision.masked_softmax_fusion == kernels and vision.bias_dropout_fusion
+    notes = [r for r in caplog.records if r.name == "neva_tools.model.gpt" and "fusions switched off" in r.message]
+    assert len(notes) == 2  # one per setting, not one per call or per flag
+    assert notes[0].levelno == logging.INFO and "persist_layer_norm" in notes[0].message
+    assert "bias_activation_fusion" not in notes[0].message and "bias_activation_fusion" in notes[1].message
 
 
 def _llama31_inv_freq(dim: int, base: float, factor: float, low: float, high: float, old: int) -> torch.Tensor:
