@@ -6,9 +6,12 @@ whose docstring names the megatron-core call site it fixes. The patches were che
 another version logs a warning (the call sites may have moved), and ``tests/model/test_cpu_compat.py`` has one test
 per patch.
 
-Not covered here (use something else on CPU): megatron-core's ``DistributedDataParallel`` and
-``get_megatron_optimizer`` (use torch DDP and ``torch.optim``), ``sequence_parallel=True`` (needs Apex or TE),
-activation recomputation (``tensor_parallel.checkpoint`` saves CUDA RNG states).
+megatron-core's ``DistributedDataParallel`` (contiguous grad buffers, ``overlap_grad_reduce``,
+``overlap_param_gather``) and ``get_megatron_optimizer`` (``Float16OptimizerWithFloat16Params``, ``FP32Optimizer``,
+``DistributedOptimizer``, grad clipping, dynamic loss scaling) run on CPU over gloo with these patches: gloo in
+torch >= 2.14 has the ``reduce_scatter_tensor``/``all_gather_into_tensor`` they use. Not covered here (use something
+else on CPU): ``sequence_parallel=True`` (needs Apex or TE), ``num_distributed_optimizer_instances > 1`` (CUDA
+streams), ``nccl_ub``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,7 +42,11 @@ def apply_cpu_compat() -> None:
     patch_cuda_current_device()
     patch_causal_masks()
     patch_cuda_synchronize()
+    patch_recompute_rng()
     patch_clip_vit_model()
+    patch_optimizer_cuda_tensors()
+    patch_optimizer_cuda_type_checks()
+    patch_grad_norm()
     _APPLIED = True
     logger.debug("applied megatron-core CPU compatibility patches")
 
@@ -197,8 +205,9 @@ def patch_cuda_current_device() -> None:
     """Make ``torch.cuda.current_device()`` return ``"cpu"`` when CUDA is absent.
 
     Fixes ``RotaryEmbedding.get_emb`` (``models/common/embeddings/rotary_pos_embedding.py``: moves ``inv_freq`` to
-    ``torch.cuda.current_device()``), ``GlobalMemoryBuffer.get_tensor`` (``utils.py``) and the TP>1 collectives in
-    ``tensor_parallel/mappings.py``, which allocate on that device.
+    ``torch.cuda.current_device()``), ``GlobalMemoryBuffer.get_tensor`` (``utils.py``), the TP>1 collectives in
+    ``tensor_parallel/mappings.py`` and the grad (and, with the distributed optimizer, param) buffers of
+    ``DistributedDataParallel`` (``distributed/param_and_grad_buffer.py``), which allocate on that device.
     """
     if torch.cuda.is_available() or _is_marked(torch.cuda.current_device):
         return
@@ -214,6 +223,35 @@ def patch_cuda_synchronize() -> None:
     if torch.cuda.is_available() or _is_marked(torch.cuda.synchronize):
         return
     torch.cuda.synchronize = _noop_synchronize
+
+
+@_mark
+def _cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Stand-in for megatron's ``_get_cuda_rng_state`` without CUDA: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+@_mark
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """Stand-in for megatron's ``_set_cuda_rng_state`` without CUDA."""
+    torch.set_rng_state(new_state)
+
+
+def patch_recompute_rng() -> None:
+    """Make megatron's "CUDA" RNG state the CPU generator's when CUDA is absent.
+
+    Fixes activation recompute: ``tensor_parallel.random.CheckpointFunction`` (full recompute, and the core
+    attention of selective recompute) saves every RNG state before the forward pass and restores it before
+    recomputing, through ``_get_all_rng_states``/``_set_all_rng_states``, which call ``_get_cuda_rng_state`` and
+    ``_set_cuda_rng_state`` (``torch.cuda.get_rng_state``). On CPU, dropout draws from the CPU generator (the CPU
+    tracker of :func:`patch_rng_tracker` forks that one too), so that is the state to save and restore.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    if torch.cuda.is_available() or _is_marked(mcore_random._get_cuda_rng_state):
+        return
+    mcore_random._get_cuda_rng_state = _cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,3 +338,144 @@ def patch_clip_vit_model() -> None:
             original_init(self, *args, **kwargs)
 
     cls.__init__ = _mark(__init__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Optimizers (optimizer/optimizer.py, optimizer/distrib_optimizer.py, optimizer/clip_grads.py, optimizer/grad_scaler.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, int):  # a CUDA device index, as torch.cuda.current_device() returns with a GPU
+        return True
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _cpu_factory(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
+class _CpuTensorsTorch(types.ModuleType):
+    """``torch`` as one megatron-core module sees it: the real module, except that the tensor factories
+    (``tensor``, ``zeros``, ``ones``, ``empty``, ``full``) asked for ``device="cuda"`` allocate on the CPU."""
+
+    tensor = staticmethod(_cpu_factory(torch.tensor))
+    zeros = staticmethod(_cpu_factory(torch.zeros))
+    ones = staticmethod(_cpu_factory(torch.ones))
+    empty = staticmethod(_cpu_factory(torch.empty))
+    full = staticmethod(_cpu_factory(torch.full))
+
+    def __init__(self) -> None:
+        super().__init__("torch", "torch with CPU tensor factories (neva_tools.model.cpu_compat)")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def patch_optimizer_cuda_tensors() -> None:
+    """Let megatron-core's optimizer modules allocate their small bookkeeping tensors on the CPU.
+
+    Fixes the ``device='cuda'`` tensors of ``MixedPrecisionOptimizer`` (``found_inf``, ``_scale_one``,
+    ``_dummy_overflow_buf``) and ``FP32Optimizer`` (``_scale``) in ``optimizer/optimizer.py``, of
+    ``get_grad_norm_fp32``, ``clip_grad_by_total_norm_fp32`` and ``count_zeros_fp32`` in ``optimizer/clip_grads.py``,
+    and of ``ConstantGradScaler``/``DynamicGradScaler`` in ``optimizer/grad_scaler.py`` (fp16 loss scaling).
+    Only those three modules see the changed ``torch`` (their global name ``torch`` is replaced); every other
+    attribute is torch's own.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for module in (mcore_optimizer, clip_grads, grad_scaler):
+        if not isinstance(module.torch, _CpuTensorsTorch):
+            module.torch = _CpuTensorsTorch()
+
+
+@contextlib.contextmanager
+def _cuda_tensor_type_names() -> Iterator[None]:
+    """Within the block, ``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.BFloat16Tensor``)."""
+    defined_here = "type" in torch.Tensor.__dict__
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        if defined_here:
+            torch.Tensor.type = original
+        else:
+            del torch.Tensor.type
+
+
+def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_tensor_type_names():
+            return fn(*args, **kwargs)
+
+    return _mark(wrapped)
+
+
+def patch_optimizer_cuda_type_checks() -> None:
+    """Let megatron-core's optimizers accept CPU parameters and gradients.
+
+    Fixes the ``param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']`` /
+    ``== 'torch.cuda.FloatTensor'`` checks in ``Float16OptimizerWithFloat16Params.__init__``
+    (``optimizer/optimizer.py``: "Wrapped parameters must be one of torch.cuda.FloatTensor, ...") and
+    ``DistributedOptimizer.__init__``
+    (``optimizer/distrib_optimizer.py``, also ``_build_model_and_main_param_groups``), and the
+    ``assert param.grad.type() == 'torch.cuda.FloatTensor'`` of ``clip_grad_by_total_norm_fp32``
+    (``optimizer/clip_grads.py``, imported by name into ``optimizer/optimizer.py``): while those run, ``.type()`` of a
+    CPU tensor reports the CUDA type name; ``torch.Tensor.type`` is restored afterwards.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        if not _is_marked(cls.__init__):
+            cls.__init__ = _with_cuda_type_names(cls.__init__)
+    if not _is_marked(clip_grads.clip_grad_by_total_norm_fp32):
+        clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+
+
+@_mark
+def _cpu_multi_tensor_l2_norm(
+    chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args: Any
+) -> tuple[torch.Tensor, None]:
+    """Stand-in for ``amp_C.multi_tensor_l2norm``: the fp32 L2 norm of the tensors of ``tensor_lists[0]``, shape 1."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1), None
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors])
+    return torch.linalg.vector_norm(norms).reshape(1), None
+
+
+def patch_grad_norm() -> None:
+    """Compute the gradient L2 norm on the CPU.
+
+    Fixes ``get_grad_norm_fp32`` (``optimizer/clip_grads.py``, used by every optimizer's ``step()`` to clip and report
+    the norm): without Apex and TE it calls ``utils.local_multi_tensor_l2_norm``, which returns its result on
+    ``device="cuda"``. Replaced only when that local fallback is the one in use.
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _cpu_multi_tensor_l2_norm

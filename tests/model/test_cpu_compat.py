@@ -18,6 +18,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches a
 def _patched_objects() -> list[object]:
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as transformer_utils
 
@@ -29,6 +31,16 @@ def _patched_objects() -> list[object]:
         fused_softmax.get_sliding_window_causal_mask,
         CLIPViTModel.__init__,
         mcore_random._CUDA_RNG_STATE_TRACKER,
+        mcore_optimizer.torch,
+        clip_grads.torch,
+        grad_scaler.torch,
+        mcore_optimizer.Float16OptimizerWithFloat16Params.__init__,
+        distrib_optimizer.DistributedOptimizer.__init__,
+        clip_grads.clip_grad_by_total_norm_fp32,
+        mcore_optimizer.clip_grad_by_total_norm_fp32,
+        clip_grads.l2_norm_impl,
+        mcore_random._get_cuda_rng_state,
+        mcore_random._set_cuda_rng_state,
     ]
 
 
@@ -41,12 +53,17 @@ def test_apply_is_idempotent() -> None:
         cpu_compat.patch_cuda_current_device,
         cpu_compat.patch_causal_masks,
         cpu_compat.patch_cuda_synchronize,
+        cpu_compat.patch_recompute_rng,
         cpu_compat.patch_clip_vit_model,
+        cpu_compat.patch_optimizer_cuda_tensors,
+        cpu_compat.patch_optimizer_cuda_type_checks,
+        cpu_compat.patch_grad_norm,
     ):
         patch()
     after = _patched_objects()
     assert all(a is b for a, b in zip(before, after, strict=True))
     assert "cuda" not in torch.Tensor.__dict__  # the construction-time .cuda() no-op did not leak
+    assert "type" not in torch.Tensor.__dict__  # nor the optimizers' CUDA type names
 
 
 def test_noop_when_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,6 +185,27 @@ def test_cuda_synchronize_lets_dist_checkpointing_save_and_load(dist: None, tmp_
             assert torch.equal(a, b), name
 
 
+def test_recompute_restores_the_cpu_rng_for_dropout(dist: None) -> None:
+    """megatron's ``checkpoint`` (activation recompute) saves and restores the "CUDA" RNG state: the CPU generator's."""
+    from megatron.core import tensor_parallel
+
+    apply_cpu_compat()
+    model_parallel_seed(3)
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return F.dropout(t.tanh(), p=0.5, training=True)
+
+    torch.manual_seed(0)
+    plain = block(x)
+    plain.sum().backward()
+    expected, x.grad = x.grad.clone(), None
+    torch.manual_seed(0)
+    recomputed = tensor_parallel.checkpoint(block, False, x)
+    recomputed.sum().backward()  # the recomputation must draw the same dropout mask
+    assert torch.equal(recomputed, plain) and torch.equal(x.grad, expected)
+
+
 def test_clip_vit_model_builds_and_runs_on_cpu(dist: None) -> None:
     from megatron.core.models.vision.clip_vit_model import CLIPViTModel
     from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
@@ -188,3 +226,79 @@ def test_clip_vit_model_builds_and_runs_on_cpu(dist: None) -> None:
     assert vit.position_ids.device.type == "cpu"
     assert vit(torch.randn(2, 3, 28, 28)).shape == (2, 2 * 2 + 1, 32)
     assert "cuda" not in torch.Tensor.__dict__
+
+
+def test_optimizer_bookkeeping_tensors_are_allocated_on_cpu(dist: None) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.clip_grads import count_zeros_fp32
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    apply_cpu_compat()
+    scaler = DynamicGradScaler(2.0**16, min_scale=1.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=1,
+                               hysteresis=1)  # fmt: skip
+    scaler.update(found_inf=True)
+    assert scaler.scale.device.type == "cpu" and scaler.scale.item() == 2.0**15
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.grad = torch.tensor([0.0, 2.0, 0.0])
+    assert count_zeros_fp32([param], grad_stats_parallel_group=parallel_state.get_model_parallel_group()) == 2
+    optimizer = FP32Optimizer(torch.optim.AdamW([param]), OptimizerConfig(lr=0.1), lambda *args: None)
+    assert optimizer.get_loss_scale().device.type == "cpu"
+    assert torch.tensor([1.0], device="cpu").device.type == "cpu"  # torch itself is untouched
+    with pytest.raises(RuntimeError):
+        torch.zeros(1, device="cuda")
+
+
+def test_optimizer_type_checks_accept_cpu_parameters(dist: None) -> None:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+    from megatron.core.transformer.module import Float16Module
+
+    from neva_tools.model.gpt import build_gpt_model
+
+    apply_cpu_compat()
+    half, full = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16)), torch.nn.Parameter(torch.randn(3))
+    config = OptimizerConfig(lr=0.1, bf16=True, params_dtype=torch.bfloat16)
+    optimizer = Float16OptimizerWithFloat16Params(torch.optim.AdamW([half, full]), config, None, lambda *args: None)
+    (main,) = optimizer.fp32_from_float16_groups[0]
+    assert main.dtype == torch.float32 and torch.equal(main, half.float())
+    assert optimizer.fp32_from_fp32_groups[0] == [full]
+    assert half.type() == "torch.BFloat16Tensor" and "type" not in torch.Tensor.__dict__
+
+    grad = torch.nn.Parameter(torch.zeros(2))
+    grad.grad = torch.tensor([3.0, 4.0])
+    clip_grad_by_total_norm_fp32([grad], max_norm=1.0, total_norm=5.0)
+    assert torch.allclose(grad.grad, torch.tensor([0.6, 0.8]), atol=1e-6)
+
+    # the distributed optimizer over megatron's DDP (whose grad and param buffers are on torch.cuda.current_device())
+    model = build_gpt_model({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 2}, padded_vocab_size=128)
+    model.config.bf16 = True
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddp = DistributedDataParallel(model.config, ddp_config, Float16Module(model.config, model))
+    assert all(b.grad_data.device.type == "cpu" and b.grad_data.dtype == torch.float32 for b in ddp.buffers)
+    config = OptimizerConfig(lr=0.1, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True)
+    optimizer = get_megatron_optimizer(config, [ddp])
+    (distributed,) = optimizer.chained_optimizers
+    assert isinstance(distributed, DistributedOptimizer)
+    assert all(p.dtype == torch.float32 for group in distributed.shard_fp32_from_float16_groups for p in group)
+    ids = torch.randint(0, 128, (1, 8))
+    ddp.zero_grad_buffer()
+    ddp(ids, torch.arange(8)[None], None, labels=ids).float().mean().backward()
+    ddp.finish_grad_sync()
+    success, grad_norm, _ = optimizer.step()
+    assert success and grad_norm > 0
+
+
+def test_grad_norm_is_computed_on_cpu(dist: None) -> None:
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+
+    apply_cpu_compat()
+    group = parallel_state.get_model_parallel_group()
+    grads = [torch.tensor([3.0]), torch.tensor([[4.0, 12.0]])]
+    assert get_grad_norm_fp32(grads, grad_stats_parallel_group=group) == pytest.approx(13.0)
+    assert get_grad_norm_fp32([], grad_stats_parallel_group=group) == 0.0
