@@ -6,7 +6,8 @@ rotary_percentage, seq_len_interpolation_factor, scale_positional_embedding, rop
 normalization, layernorm_epsilon, activation, bias, qkv_bias, share_embeddings_and_output_weights, hidden_dropout,
 attention_dropout, init_method_std, tensor_model_parallel_size, pipeline_model_parallel_size,
 apply_query_key_layer_scaling, persist_layer_norm, masked_softmax_fusion, bias_activation_fusion,
-bias_dropout_add_fusion, gradient_accumulation_fusion, apply_rope_fusion``. Defaults are NeMo's.
+bias_dropout_add_fusion, gradient_accumulation_fusion, apply_rope_fusion`` and the activation-checkpointing keys
+of :mod:`neva_tools.model.recompute`. Defaults are NeMo's.
 
 Kernel fusions: the model is built with megatron-core's local (non-Transformer-Engine) spec, on CPU and GPU alike,
 so a fusion the config asks for is kept only where that spec can run it (see :func:`fusion_flags`); the others are
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.errors import NevaError
+from neva_tools.model.recompute import recompute_settings
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -277,6 +279,7 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
             bf16=params_dtype == torch.bfloat16,
             fp16=params_dtype == torch.float16,
             **fusions,
+            **recompute_settings(cfg, num_layers // pp),
         )
     except (AssertionError, ValueError) as err:
         raise NevaError(f"megatron-core rejected the model config: {err}") from err

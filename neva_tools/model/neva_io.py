@@ -49,18 +49,24 @@ def llm_padded_vocab(cfg: dict[str, Any], vocab: int, tp: int) -> int:
 
 def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: Any,
                vision_full: dict[str, torch.Tensor], *, select_layer: int, projector_type: str,
-               projector_from: str | Path | None = None) -> Any:  # fmt: skip
+               projector_from: str | Path | None = None, recompute: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """This TP rank's ``LLaVAModel`` with the LLM of ``llm_path``, the vision encoder (full megatron-core tensors,
-    split here) and, when ``projector_from`` is given, the projector stored there (else a fresh one)."""
+    split here) and, when ``projector_from`` is given, the projector stored there (else a fresh one).
+
+    ``recompute`` holds NeMo's activation-checkpointing keys (``neva_tools.model.recompute``), applied to the LLM
+    and the vision encoder alike.
+    """
     from megatron.core import parallel_state
 
     from neva_tools.model.neva import NevaParts, build_neva_model
+    from neva_tools.model.recompute import apply_recompute
     from neva_tools.model.vision import load_mcore_state, vision_splits, vision_transformer_config
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    vision_cfg = vision_transformer_config(arch, tp, select_layer=select_layer)
-    parts = NevaParts({**llm_cfg, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
+    recompute = recompute or {}
+    vision_cfg = apply_recompute(vision_transformer_config(arch, tp, select_layer=select_layer), recompute)
+    parts = NevaParts({**llm_cfg, **recompute, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
                       llm_padded_vocab(llm_cfg, vocab, tp), vision_cfg, arch.image_size, arch.patch_size,
                       projector_type)  # fmt: skip
     model = build_neva_model(parts)

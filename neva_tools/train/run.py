@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.errors import NevaError
+from neva_tools.model.recompute import recompute_keys
 from neva_tools.train.text import train_text
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,8 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     def build() -> Any:
         adapter = m.mm_cfg.pretrain_mm_mlp_adapter
         model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
-                                   projector_type=projector, projector_from=adapter)  # fmt: skip
+                                   projector_type=projector, projector_from=adapter,
+                                   recompute=recompute_keys(m))  # fmt: skip
         mask_padded_vocab(model.language_model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
         freeze(model, llm=freeze_llm, vision=freeze_vision)
         return model

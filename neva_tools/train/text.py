@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from neva_tools.errors import NevaError
+from neva_tools.model.recompute import recompute_keys
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def train_text(cfg: DictConfig) -> Path | None:
                           **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
     def build() -> Any:
-        model = load_gpt_from_nemo(llm_path)[0]
+        model = load_gpt_from_nemo(llm_path, overrides=recompute_keys(m))[0]
         mask_padded_vocab(model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
         return model
 

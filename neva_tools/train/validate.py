@@ -24,6 +24,7 @@ from neva_tools.data.images import ASPECT_MODES
 from neva_tools.data.templates import TEMPLATE_NAMES
 from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
+from neva_tools.model.recompute import recompute_settings
 from neva_tools.train.run import PRECISIONS
 
 
@@ -90,6 +91,10 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
     if int(sched.warmup_steps) + int(sched.constant_steps) > steps:
         problems.append(f"model.optim.sched warmup_steps ({sched.warmup_steps}) + constant_steps "
                         f"({sched.constant_steps}) exceed trainer.max_steps ({steps})")  # fmt: skip
+    try:  # values only: the layer count is checked against the model when it is built
+        recompute_settings(m, num_layers=1 << 30)
+    except NevaError as exc:
+        problems.append(str(exc))
     if float(sched.min_lr) > float(m.optim.lr):
         problems.append(f"model.optim.sched.min_lr ({sched.min_lr}) is larger than model.optim.lr ({m.optim.lr})")
     return problems

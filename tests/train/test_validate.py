@@ -88,6 +88,8 @@ def _fires(problems: list[str], *parts: str) -> bool:
         (["model.optim.sched.warmup_steps=90", "model.optim.sched.constant_steps=20"],
          "warmup_steps (90) + constant_steps (20) exceed trainer.max_steps (100)"),
         (["model.optim.sched.min_lr=1.0"], "min_lr (1.0) is larger than model.optim.lr (0.002)"),
+        (["model.activations_checkpoint_granularity=full"],
+         "model.activations_checkpoint_method is None; full recompute needs uniform or block"),
     ],
 )  # fmt: skip
 def test_each_offline_rule_names_the_values(overrides: list[str], expected: str) -> None:
