@@ -57,20 +57,22 @@ VOCAB = 1024
 VISION = {"image_size": 112, "patch_size": 14, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
           "ffn_hidden_size": 512}  # fmt: skip
 SELECT_LAYER = -2
-HF_IMAGE_TOKEN = VOCAB - 1  # never drawn as a text token
 IGNORE = -100
 
 
-def make_batch(image_tokens: int) -> dict[str, Any]:
-    """The same random batch in both layouts: ours (one -200 per sample) and HF's (expanded image tokens)."""
+def make_batch(image_tokens: int, *, batch: int = BATCH, text_len: int = TEXT_LEN,
+               image_size: int = VISION["image_size"], vocab: int = VOCAB) -> dict[str, Any]:  # fmt: skip
+    """The same random batch in both layouts: ours (one -200 per sample) and HF's (expanded image tokens, id
+    ``vocab - 1``)."""
     import torch
 
     from neva_tools.data.templates import IMAGE_TOKEN_INDEX
 
+    hf_image_token = vocab - 1  # never drawn as a text token
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, HF_IMAGE_TOKEN, (BATCH, TEXT_LEN), generator=g)
+    text = torch.randint(3, hf_image_token, (batch, text_len), generator=g)
     text[:, IMAGE_POS] = IMAGE_TOKEN_INDEX
-    images = torch.randn(BATCH, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
 
     # Ours: labels[i] is the target of position i (the next text token); the placeholder's label is the target of
     # the last image embedding; nothing to predict after the last token nor for the image itself.
@@ -78,51 +80,53 @@ def make_batch(image_tokens: int) -> dict[str, Any]:
     labels[:, :-1] = text[:, 1:]
     labels[:, IMAGE_POS - 1] = IGNORE
     ours = {"images": images, "input_ids": text, "labels": labels, "loss_mask": (labels != IGNORE).float(),
-            "position_ids": torch.arange(TEXT_LEN).expand(BATCH, TEXT_LEN)}  # fmt: skip
+            "position_ids": torch.arange(text_len).expand(batch, text_len)}  # fmt: skip
 
     # HF: the expanded sequence; labels are the inputs themselves (the model shifts them), image positions ignored,
     # and so is the first text token after the image: megatron-core loss-masks the last image embedding.
-    image_ids = torch.full((BATCH, image_tokens), HF_IMAGE_TOKEN)
+    image_ids = torch.full((batch, image_tokens), hf_image_token)
     ids = torch.cat([text[:, :IMAGE_POS], image_ids, text[:, IMAGE_POS + 1 :]], dim=1)
-    hf_labels = ids.masked_fill(ids == HF_IMAGE_TOKEN, IGNORE)
+    hf_labels = ids.masked_fill(ids == hf_image_token, IGNORE)
     hf_labels[:, IMAGE_POS + image_tokens] = IGNORE
     hf = {"input_ids": ids, "pixel_values": images, "labels": hf_labels}
     return {"ours": ours, "hf": hf, "seq_len": ids.shape[1], "supervised": int((hf_labels[:, 1:] != IGNORE).sum())}
 
 
-def build_ours() -> Any:
+def build_ours(llm: dict[str, Any] = LLM, vocab: int = VOCAB, vision: dict[str, int] = VISION) -> Any:
+    """Our NeVA of these dimensions, every part trainable."""
     from neva_tools.mappings.clip import ClipVisionArch, transformer_config
     from neva_tools.model.neva import NevaParts, build_neva_model, freeze
 
-    arch = ClipVisionArch(**VISION, activation="quick_gelu")
-    parts = NevaParts(LLM, VOCAB, transformer_config(arch, 1, select_layer=SELECT_LAYER), arch.image_size,
+    arch = ClipVisionArch(**vision, activation="quick_gelu")
+    parts = NevaParts(llm, vocab, transformer_config(arch, 1, select_layer=SELECT_LAYER), arch.image_size,
                       arch.patch_size, "mlp2x_gelu")  # fmt: skip
     model = build_neva_model(parts)
     freeze(model, llm=False, vision=False)
     return model
 
 
-def build_hf(attn: str) -> Any:
+def build_hf(attn: str, llm: dict[str, Any] = LLM, vocab: int = VOCAB, vision: dict[str, int] = VISION) -> Any:
+    """transformers' ``LlavaForConditionalGeneration`` of the same dimensions (fp32, training mode)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(
-        hidden_size=VISION["hidden_size"], intermediate_size=VISION["ffn_hidden_size"],
-        num_hidden_layers=VISION["num_layers"], num_attention_heads=VISION["num_heads"],
-        image_size=VISION["image_size"], patch_size=VISION["patch_size"], hidden_act="quick_gelu",
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision["hidden_size"], intermediate_size=vision["ffn_hidden_size"],
+        num_hidden_layers=vision["num_layers"], num_attention_heads=vision["num_heads"],
+        image_size=vision["image_size"], patch_size=vision["patch_size"], hidden_act="quick_gelu",
         layer_norm_eps=1e-5, attention_dropout=0.0,
     )  # fmt: skip
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=LLM["hidden_size"], intermediate_size=LLM["ffn_hidden_size"],
-        num_hidden_layers=LLM["num_layers"], num_attention_heads=LLM["num_attention_heads"],
-        num_key_value_heads=LLM["num_query_groups"], max_position_embeddings=LLM["max_position_embeddings"],
+        vocab_size=vocab, hidden_size=llm["hidden_size"], intermediate_size=llm["ffn_hidden_size"],
+        num_hidden_layers=llm["num_layers"], num_attention_heads=llm["num_attention_heads"],
+        num_key_value_heads=llm["num_query_groups"], max_position_embeddings=llm["max_position_embeddings"],
         rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": float(LLM["rotary_base"])},
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": float(llm["rotary_base"])},
     )  # fmt: skip
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=HF_IMAGE_TOKEN, projector_hidden_act="gelu",
+        vision_config=vision_config, text_config=text, image_token_index=vocab - 1, projector_hidden_act="gelu",
         vision_feature_layer=SELECT_LAYER, vision_feature_select_strategy="default", multimodal_projector_bias=True,
-        image_seq_length=(VISION["image_size"] // VISION["patch_size"]) ** 2, tie_word_embeddings=False,
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(1234)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float32)
