@@ -11,7 +11,10 @@ When ``linear_fc1`` is a plain linear (one TP rank, no bias; :mod:`neva_tools.mo
 goes one step further and takes the linear in: it multiplies by the gate and the up halves of the weight separately,
 so ``gate`` and ``up`` come out contiguous and every elementwise pass of SwiGLU, forward and backward, runs on
 contiguous memory (on the halves of one ``[tokens, 2f]`` tensor they are strided and, on the CPU, measurably
-slower); the two weight-gradient halves are written into one tensor.
+slower); the two weight-gradient halves are written into one tensor. That path reads ``linear_fc1.weight`` without
+calling ``linear_fc1``, so it is only taken while no forward hook or pre-hook is registered on ``linear_fc1`` (nor
+globally): megatron-core's ``DistributedDataParallel`` with ``overlap_param_gather`` waits for a weight's all-gather in
+a forward pre-hook of the module owning it, and a hooked ``linear_fc1`` is called like any other module.
 
 :class:`SwiGluMLP` is megatron-core's ``MLP`` using it; every other configuration (fused bias-activation, clamped
 or offset GLU, per-token scales, Transformer Engine activations) goes to megatron-core's own ``forward``.
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
+from torch.nn.modules import module as _nn_module
 
 
 class SwiGLU(torch.autograd.Function):
@@ -82,6 +86,14 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return LinearSwiGLU.apply(x, weight)
 
 
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward hook or pre-hook (its own or a global one)."""
+    return bool(
+        module._forward_pre_hooks or module._forward_hooks
+        or _nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks
+    )  # fmt: skip
+
+
 def swiglu(y: torch.Tensor) -> torch.Tensor:
     """SwiGLU of ``linear_fc1``'s output (gate half first, as megatron-core lays it out on every TP rank)."""
     return SwiGLU.apply(y)
@@ -103,7 +115,7 @@ class SwiGluMLP(MLP):
         if not self._plain_swiglu or per_token_scale is not None:
             return super().forward(hidden_states, per_token_scale, **kwargs)
         fc1 = self.linear_fc1
-        if getattr(fc1, "_single_rank", False) and fc1.bias is None:
+        if getattr(fc1, "_single_rank", False) and fc1.bias is None and not _has_forward_hooks(fc1):
             return self.linear_fc2(linear_swiglu(hidden_states, fc1.weight))
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:

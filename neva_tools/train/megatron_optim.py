@@ -61,20 +61,6 @@ def uses_distributed_optimizer(name: str) -> bool:
     return OPTIMIZER_NAMES[name]
 
 
-def _swiglu_modules_bypassing_hooks(model: torch.nn.Module) -> list[str]:
-    """Modules whose ``linear_fc1`` weight is used without calling ``linear_fc1`` (so its forward hooks never run)."""
-    from neva_tools.model.swiglu import SwiGluMLP
-
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, SwiGluMLP)
-        and module._plain_swiglu
-        and getattr(module.linear_fc1, "_single_rank", False)
-        and module.linear_fc1.bias is None
-    ]
-
-
 def wrap_model(
     model: torch.nn.Module,
     *,
@@ -106,12 +92,6 @@ def wrap_model(
         raise NevaError("overlap_param_gather needs the distributed optimizer (optim.name: distributed_fused_adam)")
     if bucket_size is not None and bucket_size < 1:
         raise NevaError(f"bucket_size ({bucket_size}) must be a positive number of elements, or None")
-    if overlap_param_gather and (bypassing := _swiglu_modules_bypassing_hooks(model)):
-        raise NevaError(
-            f"overlap_param_gather needs every weight to be used through its module's forward, but the SwiGLU MLPs "
-            f"{', '.join(bypassing[:3])}{', ...' if len(bypassing) > 3 else ''} read linear_fc1.weight directly "
-            "(neva_tools.model.swiglu); train with overlap_param_gather=False"
-        )
     dtype = PRECISIONS[precision]
     dtypes = {p.dtype for p in model.parameters()}
     if precision == "32" and dtypes != {torch.float32}:

@@ -124,3 +124,54 @@ def test_building_a_gpt_logs_no_unknown_mlp_warning(dist: None, caplog: pytest.L
         model = build_gpt_model(TINY_GPT, padded_vocab_size=128)
     assert isinstance(model.decoder.layers[0].mlp, SwiGluMLP)
     assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["pre_hook", "hook", "global_pre_hook"])
+def test_hooks_on_linear_fc1_run_and_leave_the_result(dist: None, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward (pre-)hook on ``linear_fc1`` (megatron-core DDP's param all-gather wait, with
+    ``overlap_param_gather``), or a global one, makes the TP-1 MLP call ``linear_fc1`` instead of fusing it into
+    :class:`LinearSwiGLU`: the hook runs once per forward and the output and gradients stay the same."""
+    config = transformer_config_from_nemo(TINY_GPT)
+    _, ours = _pair(config, tp1_linears=True)
+    fc1 = ours.linear_fc1
+    assert fc1._single_rank and fc1.bias is None
+    fused: list[int] = []
+    original = LinearSwiGLU.forward
+
+    def spy(ctx: Any, *args: Any) -> torch.Tensor:
+        fused.append(1)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(LinearSwiGLU, "forward", staticmethod(spy))
+    x = torch.randn(6, 2, config.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        ours.zero_grad()
+        inp = x.clone().requires_grad_()
+        out, _ = ours(inp)
+        out.square().sum().backward()
+        return out.detach(), inp.grad, {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    plain = run()
+    assert fused == [1]  # no hooks: the fused path
+    seen: list[torch.nn.Module] = []
+
+    def record(module: torch.nn.Module, *unused: Any) -> None:
+        seen.append(module)
+
+    if kind == "global_pre_hook":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    else:
+        handle = fc1.register_forward_pre_hook(record) if kind == "pre_hook" else fc1.register_forward_hook(record)
+    try:
+        hooked = run()
+    finally:
+        handle.remove()
+    assert fused == [1]  # the module was called, not fused
+    assert fc1 in seen and (kind == "global_pre_hook" or seen == [fc1])
+    for a, b in zip(hooked[:2], plain[:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for name in plain[2]:
+        torch.testing.assert_close(hooked[2][name], plain[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    run()
+    assert fused == [1, 1]  # hooks removed: fused again

@@ -21,9 +21,11 @@ from neva_tools.errors import NevaError
 from neva_tools.train.optim import OptimSettings
 
 VOCAB = 256
-#: TINY_GPT with a plain GELU MLP: the SwiGLU fast path reads ``linear_fc1.weight`` without calling the module, which
-#: ``overlap_param_gather`` cannot handle (see ``wrap_model``).
+#: TINY_GPT with a plain GELU MLP; TINY_GPT's own SwiGLU MLP fuses ``linear_fc1`` into its activation at TP 1 unless
+#: forward hooks sit on ``linear_fc1`` (``overlap_param_gather`` registers them: see ``neva_tools.model.swiglu``).
 GELU_GPT = {**TINY_GPT, "activation": "gelu"}
+#: The model configs trained at DP=2 (plain vs distributed optimizer with overlapped grad reduce and param gather).
+DP2_MODELS = {"gelu": GELU_GPT, "swiglu": TINY_GPT}
 
 
 def _gpt_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,16 +64,20 @@ def _train_gpt(cfg: dict[str, Any], precision: str, name: str, steps: int, *, lr
 
 
 def _dp2_runs(rank: int, world_size: int, steps: int) -> dict[str, dict[str, Any]]:
-    """At DP=world_size: the plain and the distributed optimizer, fp32 (``steps`` steps) and bf16 (one step)."""
+    """At DP=world_size, for each of ``DP2_MODELS``: the plain and the distributed optimizer, fp32 (``steps`` steps)
+    and, for GELU, bf16 (one step). Keys ``{plain,dist}_{precision}[_swiglu]``."""
     from neva_tools.model.parallel import destroy_distributed, init_distributed
 
     init_distributed(tp=1, seed=1234)
     try:
         runs = {}
-        for precision, n in (("32", steps), ("bf16", 1)):
-            runs[f"plain_{precision}"] = _train_gpt(GELU_GPT, precision, "fused_adam", n, lr=1e-3, data_seed=rank)
-            runs[f"dist_{precision}"] = _train_gpt(GELU_GPT, precision, "distributed_fused_adam", n, lr=1e-3,
-                                                   data_seed=rank, overlap=True)  # fmt: skip
+        for model, cfg in DP2_MODELS.items():
+            suffix = "" if model == "gelu" else f"_{model}"
+            for precision, n in (("32", steps), ("bf16", 1)) if model == "gelu" else (("32", steps),):
+                runs[f"plain_{precision}{suffix}"] = _train_gpt(cfg, precision, "fused_adam", n, lr=1e-3,
+                                                                data_seed=rank)  # fmt: skip
+                runs[f"dist_{precision}{suffix}"] = _train_gpt(cfg, precision, "distributed_fused_adam", n, lr=1e-3,
+                                                               data_seed=rank, overlap=True)  # fmt: skip
         return runs
     finally:
         destroy_distributed()
@@ -92,11 +98,13 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def test_distributed_optimizer_equals_plain_optimizer_at_dp2(dp2: list[dict[str, dict[str, Any]]]) -> None:
+@pytest.mark.parametrize("suffix", ["", "_swiglu"], ids=["gelu", "swiglu"])
+def test_distributed_optimizer_equals_plain_optimizer_at_dp2(dp2: list[dict[str, dict[str, Any]]], suffix: str) -> None:
     """Same losses, grad norms and updated fp32 weights (the distributed run also overlaps grad reduce-scatter and
-    param all-gather, over several buckets); both ranks end with the same weights."""
+    param all-gather, over several buckets); both ranks end with the same weights. For the SwiGLU MLP too, whose
+    fused ``linear_fc1`` path must give way to the module call so the param all-gather's forward pre-hook runs."""
     for runs in dp2:
-        plain, sharded = runs["plain_32"], runs["dist_32"]
+        plain, sharded = runs[f"plain_32{suffix}"], runs[f"dist_32{suffix}"]
         assert len(plain["losses"]) == 4 and all(r.success for r in plain["results"] + sharded["results"])
         assert max(abs(a - b) for a, b in zip(plain["losses"], sharded["losses"], strict=True)) <= 1e-6
         norms = [(a.grad_norm, b.grad_norm) for a, b in zip(plain["results"], sharded["results"], strict=True)]
@@ -104,8 +112,8 @@ def test_distributed_optimizer_equals_plain_optimizer_at_dp2(dp2: list[dict[str,
         assert _max_diff(plain["after"], sharded["after"]) <= 1e-6
         assert _max_diff(plain["before"], plain["after"]) > 1e-3  # the weights did move
         assert plain["losses"][-1] < plain["losses"][0]
-    assert dp2[0]["plain_32"]["losses"] != dp2[1]["plain_32"]["losses"]  # each rank saw its own batch
-    assert _max_diff(dp2[0]["dist_32"]["after"], dp2[1]["dist_32"]["after"]) == 0.0
+    assert dp2[0][f"plain_32{suffix}"]["losses"] != dp2[1][f"plain_32{suffix}"]["losses"]  # each rank: its own batch
+    assert _max_diff(dp2[0][f"dist_32{suffix}"]["after"], dp2[1][f"dist_32{suffix}"]["after"]) == 0.0
 
 
 def test_distributed_optimizer_halves_state_per_rank(dp2: list[dict[str, dict[str, Any]]]) -> None:
@@ -222,8 +230,6 @@ def test_errors_users_can_cause(dist: None) -> None:
         mo.wrap_model(model, precision="bf16-mixed")
     with pytest.raises(NevaError, match="overlap_param_gather needs the distributed optimizer"):
         mo.wrap_model(model, overlap_param_gather=True)
-    with pytest.raises(NevaError, match=re.escape("decoder.layers.0.mlp, decoder.layers.1.mlp read linear_fc1.weight")):
-        mo.wrap_model(model, use_distributed_optimizer=True, overlap_param_gather=True)
     with pytest.raises(NevaError, match="precision is '32' but the model's parameters are bfloat16"):
         mo.wrap_model(build_gpt_model(TINY_GPT, padded_vocab_size=VOCAB).bfloat16())
     chunks = mo.wrap_model(model)
