@@ -152,3 +152,37 @@ def byte_level_tokenizer(corpus: list[str], out: Path, tokens: list[str]) -> Pat
     base = out.parent / f"{out.name}_base"
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(str(base))
     return with_chat_tokens(base, out, tokens)
+
+
+def text_pretrain_assets(root: Path, *, hidden: int = 64, intermediate: int = 96, layers: int = 2) -> dict[str, str]:
+    """The smallest text-pretraining job in ``root``: a tokenizer trained on the captions, a tiny LLaMA ``.nemo`` with
+    its 320-id vocabulary and the captions as an mmap corpus (``prefix``); ``runs`` is where runs go.
+
+    320 ids need no vocabulary padding at TP 1 or 2 (padded logits take part in the softmax, so TP 1 and TP 2 would
+    differ unless the padding does not exist).
+    """
+    import json
+
+    import torch
+    import transformers
+
+    from neva_tools.cli.main import main
+    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
+    from neva_tools.tokenizer.train import train_sentencepiece
+
+    corpus = caption_corpus()
+    tok = train_sentencepiece(corpus, root / "tok.model", vocab_size=320)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128)  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "hf"))
+    (root / "hf" / "tokenizer.model").write_bytes(tok.read_bytes())
+    convert_hf_to_nemo(str(root / "hf"), root / "llm.nemo", divisible_by=32)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus))
+    status = main(["data", "preprocess", "--no-progress", "--input", str(root / "corpus.jsonl"), "--output-prefix",
+                   str(root / "corpus"), "--tokenizer", str(tok), "--append-eod"])  # fmt: skip
+    assert status == 0
+    return {"root": str(root), "runs": str(root / "runs"), "llm": str(root / "llm.nemo"),
+            "prefix": str(root / "corpus_text_document")}  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from builders import caption_corpus
+from builders import text_pretrain_assets
 from dist_helpers import run_distributed
 
 from neva_tools.train import supervision
@@ -202,28 +202,7 @@ def test_every_rank_stops_when_rank_0_finds_the_run_dir_locked(tmp_path: Path) -
 @pytest.fixture(scope="module")
 def text_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The smallest text-pretraining job: a 1-layer LLaMA .nemo (hidden 32) and an mmap caption corpus."""
-    import torch
-    import transformers
-
-    from neva_tools.cli.main import main
-    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
-    from neva_tools.tokenizer.train import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("launcher")
-    corpus = caption_corpus()
-    tok = train_sentencepiece(corpus, root / "tok.model", vocab_size=320)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128)  # fmt: skip
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "hf"))
-    (root / "hf" / "tokenizer.model").write_bytes(tok.read_bytes())
-    convert_hf_to_nemo(str(root / "hf"), root / "llm.nemo", divisible_by=32)
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus))
-    assert main(["data", "preprocess", "--no-progress", "--input", str(root / "corpus.jsonl"), "--output-prefix",
-                 str(root / "corpus"), "--tokenizer", str(tok), "--append-eod"]) == 0  # fmt: skip
-    return {"runs": str(root / "runs"), "llm": str(root / "llm.nemo"), "prefix": str(root / "corpus_text_document")}
+    return text_pretrain_assets(tmp_path_factory.mktemp("launcher"), hidden=32, intermediate=64, layers=1)
 
 
 def latest_step(run: Path) -> int:

@@ -4,7 +4,6 @@ weights and converts back to Hugging Face."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from builders import caption_corpus
+from builders import text_pretrain_assets
 from dist_helpers import run_distributed
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "text_pretrain" / "tiny_cpu.yaml"
@@ -84,31 +83,7 @@ def tp2_run(rank: int, world_size: int, assets: dict[str, str]) -> dict[str, Any
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tokenizer trained on captions, a tiny LLaMA .nemo with its vocabulary, the captions as an mmap corpus."""
-    import torch
-    import transformers
-
-    from neva_tools.cli.main import main
-    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
-    from neva_tools.tokenizer.train import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("text_pretrain")
-    corpus = caption_corpus()
-    tok = train_sentencepiece(corpus, root / "tok.model", vocab_size=320)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128)  # fmt: skip
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "hf"))
-    (root / "hf" / "tokenizer.model").write_bytes(tok.read_bytes())
-    convert_hf_to_nemo(str(root / "hf"), root / "llm.nemo", divisible_by=32)  # 320 ids: no vocabulary padding
-    # at TP=1 or 2 (padded logits take part in the softmax, so TP=1 and TP=2 differ unless the padding does not)
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in corpus))
-    status = main(["data", "preprocess", "--no-progress", "--input", str(root / "corpus.jsonl"), "--output-prefix",
-                   str(root / "corpus"), "--tokenizer", str(tok), "--append-eod"])  # fmt: skip
-    assert status == 0
-    return {"root": str(root), "runs": str(root / "runs"), "llm": str(root / "llm.nemo"),
-            "prefix": str(root / "corpus_text_document")}  # fmt: skip
+    return text_pretrain_assets(tmp_path_factory.mktemp("text_pretrain"))
 
 
 @pytest.fixture(scope="module")
