@@ -51,7 +51,7 @@ torch has a fused RMSNorm); the SwiGLU MLP keeps its input, gate, up, ``silu(gat
 output and its re-laid-out copy (12·sbh where the estimate has 11, with no ``s×s`` term and no dropout masks).
 
 Then the formula alone (no measurement) for LLaVA-1.5 7B and 13B stage 2 (LLM + projector trainable, CLIP
-ViT-L/14-336 frozen) on 8 GPUs: TP 4 × DP 2 and TP 8 × DP 1, micro-batch 4 and 1, sequence 2048 (and 4096 at TP 8),
+ViT-L/14-336 frozen) on 8 GPUs: TP 4 × DP 2 and TP 8 × DP 1, micro-batch 4 and 1, sequence 2048 and 4096,
 {fused_adam, distributed_fused_adam} × {no recompute, selective, full}, with ``fits_80GB``: the predicted peak
 (parameters + gradients + optimizer + peak activations) within 80 GiB minus 8 GiB of headroom for the CUDA
 context, NCCL buffers, allocator fragmentation and the transient tensors of backward and the optimizer step.
@@ -261,8 +261,9 @@ LLAVA_LLMS = {
     "llava-1.5-7b": LlmShape(layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=32, vocab=32000),
     "llava-1.5-13b": LlmShape(layers=40, hidden=5120, ffn=13824, heads=40, kv_heads=40, vocab=32000),
 }
-LLAVA_LAYOUTS = (  # (tp, dp, seq) on 8 GPUs
+LLAVA_LAYOUTS = (  # (tp, dp, seq) on 8 GPUs; TP 4 at 4096 is the 7B recipes' layout, TP 8 at 4096 the 13B one's
     (4, 2, 2048),
+    (4, 2, 4096),
     (8, 1, 2048),
     (8, 1, 4096),
 )
