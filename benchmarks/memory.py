@@ -402,19 +402,6 @@ def _storage_bytes(tensors: Any) -> int:
     return sum(storages.values())
 
 
-def _loss(model: Any, data: dict[str, Any]) -> Any:
-    """The training loss (``neva_tools.train.module.llava_loss`` for an unpacked batch): mean over labelled tokens."""
-    import torch
-
-    from neva_tools.data.templates import IGNORE_INDEX
-
-    loss_mask = data["loss_mask"]
-    labels = torch.where(loss_mask > 0, data["labels"], IGNORE_INDEX)  # no logits where there is no loss
-    out, mask = model(data["images"], data["input_ids"], data["position_ids"], None, labels=labels,
-                      loss_mask=loss_mask)  # fmt: skip
-    return (out.float() * mask).sum() / mask.sum()
-
-
 def _measure(optimizer_name: str, recompute: str, train_vision: bool) -> dict[str, Any]:
     """One training step of the small NeVA in this configuration; what this rank holds."""
     import torch
@@ -422,6 +409,7 @@ def _measure(optimizer_name: str, recompute: str, train_vision: bool) -> dict[st
 
     from neva_tools.model.cpu_compat import model_parallel_seed
     from neva_tools.train import megatron_optim as mo
+    from neva_tools.train.module import llava_loss
     from neva_tools.train.optim import OptimSettings
 
     model_parallel_seed(1234)
@@ -443,7 +431,7 @@ def _measure(optimizer_name: str, recompute: str, train_vision: bool) -> dict[st
 
     mo.zero_grad(chunks, optimizer)
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        loss = _loss(chunks[0], data)
+        loss = llava_loss(chunks[0], data)[0]
     forward = meter.phase()
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         mo.scale_loss(optimizer, loss).backward()

@@ -1,17 +1,21 @@
-"""Training checkpoints in megatron-core's distributed format: resumable at another TP size.
+"""Training checkpoints in megatron-core's distributed format: resumable at another TP or DP size.
 
-A checkpoint is a directory: the model's ``sharded_state_dict`` and the AdamW moments sharded exactly
-like their parameters (``optimizer.state.exp_avg.<param key>``), plus a common part with everything
-else Lightning keeps (loop progress, scheduler, step counters, callbacks). Loading builds the same
-structure from the *current* model and optimizer, so megatron-core reshards on load when the TP size
-differs. Per-rank RNG states are kept only for same-layout resumes.
+A checkpoint is a directory: the model's ``sharded_state_dict`` (``model.<key>``, the unwrapped megatron-core model,
+so the keys do not depend on the training wrappers), megatron-core's optimizer ``sharded_state_dict`` (Adam moments
+and fp32 master weights, each shaped and sharded like its parameter: ``optimizer.state.exp_avg.<key>``,
+``optimizer.state.exp_avg_sq.<key>``, for 16-bit weights ``optimizer.state.fp32_param.<key>``; the distributed
+optimizer gathers its shards into the same shapes, master weights as ``optimizer.state.param.<key>``, see
+:data:`DISTRIBUTED_OPTIMIZER_SHARDING`), plus a common part with everything else: Lightning's loop progress and
+callbacks, the module's schedulers, the optimizer's param groups, step and loss scaler. Loading builds the same
+structure from the *current* model and optimizer, so megatron-core reshards on load when the TP or DP size differs.
+A checkpoint resumes with the optimizer (``model.optim.name``) and precision it was written with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -19,42 +23,95 @@ import torch
 
 MODEL_PREFIX = "model."  # the LightningModule attribute that holds the megatron-core model
 
+#: The distributed optimizer's checkpoint layout (megatron-core ``DistributedOptimizer.sharded_state_dict``):
+#: 'fully_reshardable' gathers each data-parallel group's state shards on its DP rank 0 (over gloo, in CPU memory:
+#: the ``mem_efficient`` variant) and stores every parameter's master weight and moments shaped and keyed like the
+#: parameter's own sharded tensor, so the checkpoint loads at another DP, TP or PP size (and like the other
+#: optimizers' checkpoints). 'dp_reshardable' would allow another DP size only; 'fully_sharded_model_space' (flattened
+#: tensors) is no longer supported by megatron-core 0.16's dist checkpointing.
+DISTRIBUTED_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable",
+                                  "distrib_optim_fully_reshardable_mem_efficient": True}  # fmt: skip
+
 
 def _model_request(model: torch.nn.Module) -> dict[str, Any]:
     """The model's sharded state dict without Transformer-Engine ``_extra_state`` entries."""
     return {k: v for k, v in model.sharded_state_dict(prefix=MODEL_PREFIX).items() if not k.endswith("_extra_state")}
 
 
-def _ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create zero AdamW moments for parameters that have none yet (a fresh optimizer before resuming)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if "exp_avg" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device="cpu")  # where AdamW keeps it
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+def _ensure_adam_state(optimizer: Any) -> None:
+    """Give every parameter of a fresh torch Adam (no step taken yet) zero moments and step, as torch's Adam creates
+    them: megatron-core's distributed optimizer needs a per-parameter step to build its state dict for loading when it
+    runs torch's Adam (without Transformer Engine or Apex, whose fused Adams keep the step in the param groups)."""
+    from neva_tools.train.megatron_optim import torch_optimizers
+
+    for inner in torch_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                state = inner.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _optimizer_request(optimizer: torch.optim.Optimizer, model_request: dict[str, Any]) -> tuple[dict, float]:
-    """The optimizer state as sharded tensors mirroring the parameters; returns (sharded dict, step)."""
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
-
-    _ensure_adam_state(optimizer)
-    params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
-    id_map = get_param_id_to_sharded_param_map(model_request, params)
-    state = optimizer.state_dict()
-    steps = [float(s["step"]) for s in state["state"].values() if "step" in s]
-    optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    return state, max(steps, default=0.0)
+def _optimizer_request(optimizer: Any, model_request: dict[str, Any], *, is_loading: bool) -> dict[str, Any]:
+    """megatron-core's optimizer state, its tensors sharded like the parameters of ``model_request``."""
+    if is_loading:
+        _ensure_adam_state(optimizer)
+    metadata = dict(DISTRIBUTED_OPTIMIZER_SHARDING)  # ignored by the other optimizers
+    return optimizer.sharded_state_dict(model_request, is_loading=is_loading, metadata=metadata)
 
 
-def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         common: dict[str, Any]) -> None:  # fmt: skip
-    """Write a checkpoint directory (all ranks call this; megatron-core coordinates the writes)."""
+@contextlib.contextmanager
+def _loading_fixes() -> Iterator[None]:
+    """Two fixes to megatron-core 0.16.1's optimizer loading, in force while a checkpoint is loaded.
+
+    * Param groups: megatron-core matches saved param groups to the optimizer's by ``(wd_mult, lr_mult,
+      is_expert_parallel, is_decoupled_lr)`` (``param_group_identifier_keys``). The part groups of
+      :func:`neva_tools.train.megatron_optim.param_group_overrides` (projector, vision, LLM) differ in ``part`` and
+      ``lr`` but share those four values, so one part's group would take another's saved learning rate (the
+      distributed optimizer) or parameter list (the others, which then fail). Every group has ``part``: match on it.
+    * Adam's ``step`` with the distributed optimizer and torch's Adam (no Transformer Engine or Apex, as on CPU):
+      ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every key of the parameter's optimizer
+      state from the loaded tensors, which never hold ``step`` (megatron-core restores it from the param groups), so
+      loading fails with ``KeyError: 'step'``. Copy the loaded keys only.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as base
+
+    keys = base.param_group_identifier_keys
+    extended = keys if "part" in keys else (*keys, "part")
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state.get(self.optimizer.param_groups[group_index]["params"][group_order], {})
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    base.param_group_identifier_keys = distrib_optimizer.param_group_identifier_keys = extended
+    cls._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        base.param_group_identifier_keys = distrib_optimizer.param_group_identifier_keys = keys
+        cls._set_main_param_and_optimizer_states = original
+
+
+def save(directory: str | Path, model: torch.nn.Module, optimizer: Any, common: dict[str, Any]) -> None:
+    """Write a checkpoint directory (all ranks call this; megatron-core coordinates the writes).
+
+    ``model`` is the unwrapped megatron-core model (no DDP or ``Float16Module``), ``optimizer`` megatron-core's
+    optimizer over it (or None: weights only).
+    """
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
@@ -64,43 +121,72 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.O
     request = _model_request(model)
     sharded: dict[str, Any] = {"model": request}
     if optimizer is not None:
-        sharded["optimizer"], step = _optimizer_request(optimizer, request)
-        common = {**common, "optimizer_step": step}
+        sharded["optimizer"] = _optimizer_request(optimizer, request, is_loading=False)
     sharded["common"] = common
     dist_checkpointing.save(sharded, str(directory))
 
 
-def load(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``) at the current TP; return the common part."""
+def _describe(engine: dict[str, Any] | None) -> str:
+    if engine is None:
+        return "an earlier engine (torch AdamW)"
+    return f"model.optim.name {engine.get('optimizer')} and precision {engine.get('precision')}"
+
+
+def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
+         engine: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Load a checkpoint into ``model`` (and ``optimizer``) at the current TP and DP sizes; return the common part.
+
+    ``engine`` (``{"optimizer": name, "precision": ...}``, saved in the common part as ``neva_engine``) must match
+    the checkpoint's when the optimizer is loaded: each optimizer and precision stores a different state.
+    """
     from megatron.core import dist_checkpointing
 
     from neva_tools.checkpoint.safe_dist import check_directory, refusals_unwrapped
+    from neva_tools.errors import NevaError
 
     check_directory(directory)
+    if optimizer is not None and engine is not None:
+        with refusals_unwrapped():
+            saved = dist_checkpointing.load_common_state_dict(str(directory)).get("common", {}).get("neva_engine")
+        if saved != engine:
+            raise NevaError(f"checkpoint {directory} holds the optimizer state of {_describe(saved)} but this run "
+                            f"trains with {_describe(engine)}: resume with the checkpoint's model.optim.name and "
+                            "trainer.precision, or start a new run (exp_manager.resume_if_exists=false or another "
+                            "name)")  # fmt: skip
     request = _model_request(model)
     sharded: dict[str, Any] = {"model": request}
     if optimizer is not None:
-        sharded["optimizer"], _ = _optimizer_request(optimizer, request)
+        with _loading_fixes():
+            sharded["optimizer"] = _optimizer_request(optimizer, request, is_loading=True)
     with refusals_unwrapped():
         loaded = dist_checkpointing.load(sharded, str(directory))
     state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded["model"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
-        from neva_tools.errors import NevaError
-
         raise NevaError(f"checkpoint {directory} does not fit the model: missing {missing}, unexpected {unexpected}")
     common = loaded.get("common") or dist_checkpointing.load_common_state_dict(str(directory)).get("common", {})
     if optimizer is not None:
-        optim_state = loaded["optimizer"]
-        step = torch.tensor(float(common.get("optimizer_step", 0.0)), device="cpu")
-        for param_state in optim_state["state"].values():
-            param_state["step"] = step.clone()
-        current = optimizer.state_dict()["param_groups"]
-        optim_state["param_groups"] = [{**g, "params": c["params"]} for g, c in zip(optim_state["param_groups"],
-                                                                                   current, strict=True)]  # fmt: skip
-        optimizer.load_state_dict(optim_state)
+        with _loading_fixes():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_steps(optimizer)
     return common
+
+
+def _unshare_steps(optimizer: Any) -> None:
+    """Give every parameter its own Adam ``step`` tensor after loading.
+
+    megatron-core's optimizers restore torch Adam's per-parameter ``step`` as one tensor shared by all parameters
+    (``DistributedOptimizer.load_state_dict``: ``s["step"] = step``; ``_restore_common_per_param_step`` copies
+    per parameter, this makes it uniform). torch's Adam increments each parameter's ``step`` in place, so a shared
+    tensor would count once per parameter per step and skew Adam's bias correction from the first resumed step.
+    """
+    from neva_tools.train.megatron_optim import torch_optimizers
+
+    for inner in torch_optimizers(optimizer):
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def checkpoints(root: str | Path) -> Iterator[Path]:

@@ -11,21 +11,26 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from neva_tools.train.strategy import MegatronStrategy
+from neva_tools.train.strategy import EngineSettings, MegatronStrategy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    """NeMo's ``trainer`` section (the parts this engine uses) plus the parallel sizes."""
+    """NeMo's ``trainer`` section (the parts this engine uses) plus the parallel sizes.
+
+    ``precision`` is the parameter dtype megatron-core trains in: ``32``, ``bf16`` or ``fp16`` (16-bit weights with
+    fp32 master weights in the optimizer; fp16 with dynamic loss scaling); ``neva_tools.train.run.trainer_precision``
+    maps NeMo's values. ``gradient_clip_val`` is megatron-core's ``clip_grad`` (0 disables).
+    """
 
     max_steps: int
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     micro_batch_size: int = 1
     global_batch_size: int = 1
-    precision: str = "32-true"
+    precision: str = "32"
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 1
     num_nodes: int = 1
@@ -80,7 +85,7 @@ class LossCurve(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        # the module's own micro-batch loss: Lightning's ``outputs`` is divided by the accumulation count
+        # the module's own micro-batch loss (unscaled by the accumulation count)
         loss = getattr(module, "last_loss", None)
         if loss is None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -119,11 +124,15 @@ class LossCurve(pl.Callback):
 
 
 class PeriodicCheckpoint(pl.Callback):
-    """Save a dist checkpoint every ``every_n_steps`` optimizer steps and at the end (``dirpath/step=N``)."""
+    """Save a dist checkpoint every ``every_n_steps`` optimizer steps and at the end (``dirpath/step=N``).
+
+    Saves only after the micro-batch that completed an optimizer step (never in the middle of gradient accumulation).
+    """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         self.dirpath, self.every = Path(dirpath), every_n_steps
         self._last = -1
+        self._step_before = 0  # trainer.global_step when the current micro-batch started
 
     def _save(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
@@ -131,9 +140,14 @@ class PeriodicCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.dirpath / f"step={step}", weights_only=False)
             self._last = step
 
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        if self.every > 0 and trainer.global_step % self.every == 0:
+        stepped = trainer.global_step != self._step_before
+        if self.every > 0 and stepped and trainer.global_step % self.every == 0:
             self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -156,15 +170,22 @@ def consumed_samples(checkpoint_dir: str | Path | None, global_batch_size: int) 
 def make_trainer(
     settings: TrainerSettings, log_dir: str | Path, callbacks: list[pl.Callback] | None = None
 ) -> pl.Trainer:
-    """A ``Trainer`` for this process under torchrun/srun or alone (CPU: gloo, ``32-true``/``bf16-true``)."""
+    """A ``Trainer`` for this process under torchrun/srun or alone (CPU: gloo).
+
+    Lightning runs in fp32 ("32-true") without gradient clipping or accumulation of its own: the module trains
+    through megatron-core (``Float16Module`` for bf16/fp16 weights, megatron-core's optimizer and clipping) and
+    accumulates micro-batches itself, from the strategy's :class:`~neva_tools.train.strategy.EngineSettings`.
+    """
     from pytorch_lightning.callbacks import TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     world = world_size()
     log_dir = Path(log_dir)
     devices = max(1, world // settings.num_nodes)
+    engine = EngineSettings(precision=settings.precision, clip_grad=float(settings.gradient_clip_val or 0.0),
+                            accumulate=accumulation(settings, world))  # fmt: skip
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
-                                seed=settings.seed)  # fmt: skip
+                                seed=settings.seed, engine=engine)  # fmt: skip
     # the bar reads the logged loss from the device when it refreshes: as often as the metrics are logged
     progress = [TQDMProgressBar(refresh_rate=max(1, settings.log_every_n_steps))] if settings.progress else []
     return pl.Trainer(
@@ -172,10 +193,8 @@ def make_trainer(
         devices=devices,
         num_nodes=settings.num_nodes,
         strategy=strategy,
-        precision=settings.precision,
+        precision="32-true",
         max_steps=settings.max_steps,
-        accumulate_grad_batches=accumulation(settings, world),
-        gradient_clip_val=settings.gradient_clip_val,
         log_every_n_steps=settings.log_every_n_steps,
         logger=[CSVLogger(log_dir, name="csv"), TensorBoardLogger(log_dir, name="tensorboard")],
         callbacks=[LossCurve(log_dir), *progress, *(callbacks or [])],

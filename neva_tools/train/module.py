@@ -1,13 +1,25 @@
-"""The Lightning module that trains a megatron-core NeVA (or GPT) model.
+"""The Lightning module that trains a megatron-core NeVA (or GPT) model with megatron-core's optimizer.
 
-The model is built in ``configure_model`` (after the strategy has set up megatron's parallel groups).
-The loss is the token-mean cross-entropy over supervised positions of the micro-batch. Gradients are
-clipped by their tensor-parallel-global norm; loss, learning rates, grad norm, tokens/s and samples/s
-are logged every step.
+``configure_model`` (once the strategy has set up megatron's parallel groups) builds the model and wraps it for
+training (:func:`~neva_tools.train.megatron_optim.wrap_model`: ``Float16Module`` for bf16/fp16 weights, then
+megatron-core's ``DistributedDataParallel`` with fp32 gradient buffers over the data-parallel group);
+``configure_optimizers`` builds megatron-core's optimizer (``fused_adam`` or ``distributed_fused_adam``; fp32 master
+weights for 16-bit weights, gradient clipping by the tensor- and data-parallel-global norm, the part learning rates)
+with NeMo's CosineAnnealing schedule (one ``LambdaLR`` per inner optimizer, stepped every optimizer step, also when
+an fp16 step is skipped on overflow: the rate follows ``trainer.global_step``). Lightning runs in manual
+optimization: every ``training_step`` is one micro-batch; gradients accumulate (without data-parallel sync) until
+the last micro-batch of the optimizer step, which syncs them and steps the optimizer and the schedulers, and counts
+one optimizer step in ``trainer.global_step``.
+
+The loss is the token-mean cross-entropy over supervised positions of the micro-batch. Per optimizer step it logs
+``train_loss`` (the mean over the step's micro-batches), ``grad_norm`` (before clipping), ``lr_<part>``,
+``tokens_per_s``, ``samples_per_s``, ``supervised_tokens`` (and ``loss_scale`` for fp16) every ``log_every_n_steps``
+optimizer steps, at the optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +30,7 @@ import torch
 
 from neva_tools.data.packing import packed_attention_mask
 from neva_tools.data.templates import IGNORE_INDEX
-from neva_tools.train.optim import OptimSettings, build_optimizer
-from neva_tools.train.schedule import cosine_annealing
-from neva_tools.train.strategy import clip_tp_grads
+from neva_tools.train.optim import OptimSettings
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,16 @@ class ScheduleSettings:
     min_lr: float = 0.0
 
 
+def unwrap(model: Any) -> Any:
+    """The megatron-core model inside the training wrappers (megatron-core or torch DDP, ``Float16Module``)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(model, (DistributedDataParallel, Float16Module, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over supervised tokens, number of supervised tokens) for a collated batch.
 
@@ -41,7 +61,7 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     still touches the trainable vision parameters with a zero-weighted term, so data-parallel gradient sync
     sees the same parameters used on every rank.
     """
-    inner = getattr(model, "module", model)  # DDP-wrapped in training
+    inner = unwrap(model)
     labels = batch["labels"]
     loss_mask = batch.get("loss_mask", (labels != -100).float())
     attention_mask = batch.get("attention_mask")
@@ -74,7 +94,14 @@ LossFn = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
 class NevaModule(pl.LightningModule):
-    """Trains the model returned by ``build_model`` (called once the parallel groups exist)."""
+    """Trains the model returned by ``build_model`` (called once the parallel groups exist); see the module docstring.
+
+    The trainer's strategy supplies precision, gradient clipping and accumulation
+    (:class:`~neva_tools.train.strategy.EngineSettings`); ``optim`` the optimizer (``optim.name``, overlap options,
+    part learning rates) and ``sched`` the schedule. After ``configure_model``: ``model`` is the megatron-core model
+    (what checkpoints and ``.nemo`` files hold; 16-bit weights under bf16/fp16), ``chunks`` its training wrappers
+    (call ``chunk``); after ``configure_optimizers``: ``optimizer`` (megatron-core's) and ``schedulers``.
+    """
 
     def __init__(
         self,
@@ -85,44 +112,125 @@ class NevaModule(pl.LightningModule):
         loader: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False  # megatron-core's optimizer is stepped in training_step
         self.build_model, self.optim, self.sched, self.loss_fn = build_model, optim, sched, loss_fn
         self.loader = loader  # built lazily: the data-parallel rank is known only once training starts
         self.model: torch.nn.Module | None = None
+        self.chunks: list[Any] = []  # a plain list: the chunks hold ``model``, registered once above
+        self.optimizer: Any = None
+        self.schedulers: list[torch.optim.lr_scheduler.LambdaLR] = []
+        self.accumulate = 1
         self.last_loss: torch.Tensor | None = None
+        self._micro = 0  # micro-batches of the current optimizer step done so far
+        self._sums: dict[str, Any] = {}  # the current optimizer step's sums, for logging
         self._step_start = time.perf_counter()
 
+    @property
+    def chunk(self) -> Any:
+        """The wrapped model to call in training and evaluation (megatron-core DDP around ``Float16Module``)."""
+        return self.chunks[0]
+
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = self.build_model()
+        from neva_tools.train import megatron_optim as mo
+        from neva_tools.train.strategy import EngineSettings
+
+        if self.model is not None:
+            return
+        engine = getattr(self.trainer.strategy, "engine", None) or EngineSettings()
+        self.accumulate = engine.accumulate
+        self.model = self.build_model()
+        self.chunks = mo.wrap_model(self.model, precision=engine.precision,
+                                    use_distributed_optimizer=mo.uses_distributed_optimizer(self.optim.name),
+                                    overlap_grad_reduce=self.optim.overlap_grad_reduce,
+                                    overlap_param_gather=self.optim.overlap_param_gather)  # fmt: skip
+
+    def configure_optimizers(self) -> None:
+        """Build megatron-core's optimizer and the schedulers (once); return None: Lightning gets no optimizer.
+
+        Called by :class:`~neva_tools.train.strategy.MegatronStrategy` after the model was set up, outside
+        Lightning's default-device context (megatron-core's CPU type checks do not work inside it).
+        """
+        from neva_tools.train import megatron_optim as mo
+        from neva_tools.train.strategy import EngineSettings
+
+        if self.optimizer is not None:
+            return
+        engine = getattr(self.trainer.strategy, "engine", None) or EngineSettings()
+        self.optimizer = mo.build_optimizer(self.chunks, self.optim, name=self.optim.name, clip_grad=engine.clip_grad,
+                                            min_lr=self.sched.min_lr)  # fmt: skip
+        self.schedulers = mo.cosine_annealing(self.optimizer, max_steps=self.sched.max_steps, min_lr=self.sched.min_lr,
+                                              warmup_steps=self.sched.warmup_steps,
+                                              constant_steps=self.sched.constant_steps)  # fmt: skip
 
     def train_dataloader(self) -> Any:
         if self.loader is None:
             raise RuntimeError("pass a DataLoader to Trainer.fit or a loader factory to NevaModule")
         return self.loader()
 
+    def gather_weights(self) -> None:
+        """Make ``model``'s weights current before reading them (with ``overlap_param_gather``; else a no-op)."""
+        from neva_tools.train.megatron_optim import gather_params
+
+        gather_params(self.chunks)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, tokens = self.loss_fn(self.model, batch)
-        self.last_loss = loss.detach()  # the micro-batch's loss, before Lightning scales it for accumulation
+        from neva_tools.train import megatron_optim as mo
+
+        last = self._micro == self.accumulate - 1
+        if self._micro == 0:
+            mo.zero_grad(self.chunks, self.optimizer)
+            self._sums = {"loss": 0.0, "tokens": 0, "samples": 0, "supervised": 0.0}
+        with contextlib.nullcontext() if last else self.chunk.no_sync():  # sync the gradients on the last only
+            loss, tokens = self.loss_fn(self.chunk, batch)
+            self.manual_backward(mo.scale_loss(self.optimizer, loss / self.accumulate))
+        self.last_loss = loss.detach()  # the micro-batch's loss (what the loss curve shows)
+        step = self._sums
+        step["loss"] = step["loss"] + self.last_loss
+        step["tokens"] += batch["input_ids"].numel()
+        step["samples"] += len(batch["input_ids"])
+        step["supervised"] = step["supervised"] + tokens.detach().float()
+        self._micro = 0 if last else self._micro + 1
+        if last:
+            lrs = {f"lr_{group.get('part', 'all')}": group["lr"] for group in self.optimizer.param_groups}
+            result = mo.optimizer_step(self.chunks, self.optimizer)
+            for scheduler in self.schedulers:
+                scheduler.step()
+            self._count_optimizer_step()
+            self._log_step(result, lrs)
+        return self.last_loss
+
+    def _count_optimizer_step(self) -> None:
+        """One optimizer step for ``trainer.global_step`` (what Lightning does around a ``LightningOptimizer.step``
+        in manual optimization), so ``max_steps``, checkpoint names and resume count optimizer steps."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _log_step(self, result: Any, lrs: dict[str, float]) -> None:
         now = time.perf_counter()
-        elapsed, self._step_start = now - self._step_start, now
-        self.log("train_loss", loss, prog_bar=True, on_step=True, batch_size=len(batch["input_ids"]))
-        self.log("tokens_per_s", float(batch["input_ids"].numel()) / max(elapsed, 1e-9), on_step=True)
-        self.log("samples_per_s", len(batch["input_ids"]) / max(elapsed, 1e-9), on_step=True)
-        self.log("supervised_tokens", tokens.float(), on_step=True)
-        return loss
+        elapsed, self._step_start = max(now - self._step_start, 1e-9), now
+        step, trainer = self._sums, self.trainer
+        mean_loss = step["loss"] / self.accumulate
+        self.log("train_loss", mean_loss, prog_bar=True, logger=False, on_step=True, batch_size=step["samples"])
+        if trainer.global_step % max(1, trainer.log_every_n_steps) and trainer.global_step != trainer.max_steps:
+            return
+        metrics = {
+            "train_loss": float(mean_loss),
+            "tokens_per_s": step["tokens"] / elapsed,
+            "samples_per_s": step["samples"] / elapsed,
+            "supervised_tokens": float(step["supervised"]),
+            **lrs,
+        }
+        if result.grad_norm is not None:  # None: an fp16 step skipped on overflow
+            metrics["grad_norm"] = result.grad_norm
+        if self.optimizer.config.fp16:
+            metrics["loss_scale"] = float(self.optimizer.get_loss_scale())
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        assert self.model is not None
-        optimizer = build_optimizer(self.model, self.optim)
-        scheduler = cosine_annealing(optimizer, max_steps=self.sched.max_steps, min_lr=self.sched.min_lr,
-                                     warmup_steps=self.sched.warmup_steps,
-                                     constant_steps=self.sched.constant_steps)  # fmt: skip
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["neva_schedulers"] = [scheduler.state_dict() for scheduler in self.schedulers]
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = clip_tp_grads(params, float(gradient_clip_val or 0.0))
-        self.log("grad_norm", norm, on_step=True)
-        for group in optimizer.param_groups:
-            self.log(f"lr_{group.get('part', 'all')}", group["lr"], on_step=True)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for scheduler, state in zip(self.schedulers, checkpoint.get("neva_schedulers", []), strict=False):
+            scheduler.load_state_dict(state)

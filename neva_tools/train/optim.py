@@ -1,5 +1,7 @@
-"""AdamW parameter groups: separate learning rates for projector, vision encoder and LLM; frozen
-parameters get no group (so no optimizer state); norms and biases without weight decay by default."""
+"""Optimizer settings (NeMo's ``model.optim``) and the parts of a NeVA model: separate learning rates for projector,
+vision encoder and LLM; frozen parameters get no group (so no optimizer state); norms and biases without weight decay
+by default. The trainer uses megatron-core's optimizer (:mod:`neva_tools.train.megatron_optim`);
+:func:`build_optimizer` (torch AdamW over the same groups) remains for benchmarks and model tests."""
 
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ PARTS = {"projector": "vision_projection.", "vision": "vision_model.", "llm": "l
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """NeMo's ``optim`` section plus per-part rates (the Qwen-VL seed's ``mm_projector_lr``, ``vision_tower_lr``)."""
+    """NeMo's ``optim`` section plus per-part rates (the Qwen-VL seed's ``mm_projector_lr``, ``vision_tower_lr``).
+
+    ``name`` is ``fused_adam`` or ``distributed_fused_adam`` (state sharded over the data-parallel group);
+    ``overlap_grad_reduce`` reduces gradient buckets during backward, ``overlap_param_gather``
+    (``distributed_fused_adam`` only) all-gathers updated weights during the next forward.
+    """
 
     lr: float
     weight_decay: float = 0.0
@@ -24,6 +31,9 @@ class OptimSettings:
     vision_lr: float | None = None
     llm_lr: float | None = None
     decay_norms_and_biases: bool = False
+    name: str = "fused_adam"
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 def part_of(name: str) -> str:

@@ -22,19 +22,66 @@ from neva_tools.train.text import train_text
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"32": "32-true", "32-true": "32-true", "bf16": "bf16", "bf16-true": "bf16-true",
-              "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed"}  # fmt: skip
+#: NeMo's ``trainer.precision`` values and the parameter dtype the engine trains in (``megatron_optim.PRECISIONS``).
+#: Every 16-bit value trains 16-bit weights with fp32 master weights in megatron-core's optimizer (NeMo's
+#: ``megatron_amp_O2``); fp16 adds dynamic loss scaling. Lightning itself always runs "32-true".
+PRECISIONS = {"32": "32", "32-true": "32", "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
+              "16": "fp16", "16-mixed": "fp16"}  # fmt: skip
 
 
-def trainer_precision(value: Any) -> str:
-    import torch
+def trainer_precision(value: Any, amp_o2: Any = True, *, notes: bool = True) -> str:
+    """The engine precision (``32``, ``bf16``, ``fp16``) for ``trainer.precision`` and ``model.megatron_amp_O2``.
 
+    ``bf16-true`` with ``megatron_amp_O2: false`` asks for bf16 weights without fp32 master weights, which the engine
+    does not train: refused, naming what to use. Other 16-bit values with ``megatron_amp_O2: false`` (NeMo's O1) train
+    with master weights anyway, with a logged note (``notes``).
+    """
     key = str(value)
     if key not in PRECISIONS:
-        raise NevaError(f"trainer.precision {value!r} is not one of {', '.join(PRECISIONS)}")
-    if PRECISIONS[key] == "bf16":
-        return "bf16-mixed" if torch.cuda.is_available() else "bf16-true"
-    return PRECISIONS[key]
+        raise NevaError(f"trainer.precision ({value}) is not one of {', '.join(PRECISIONS)}")
+    precision = PRECISIONS[key]
+    o2 = bool(amp_o2)
+    if precision != "32" and not o2 and key == "bf16-true":
+        raise NevaError(
+            "trainer.precision bf16-true with model.megatron_amp_O2: false asks for bf16 weights without fp32 "
+            "master weights, which this engine does not train: Adam updates below half a bf16 step (0.4% of a "
+            "weight) would be lost, so at finetuning learning rates most weights would never change. Use "
+            "trainer.precision=bf16 (bf16 weights with fp32 master weights; megatron_amp_O2 may stay false) or 32"
+        )
+    if notes and precision != "32" and not o2:
+        logger.info("model.megatron_amp_O2 is false: trainer.precision %s still trains %s weights with fp32 master "
+                    "weights (the engine has no O1 mode)", key, precision)  # fmt: skip
+    elif notes and key == "bf16-true":
+        logger.info("trainer.precision bf16-true trains bf16 weights with fp32 master weights (like bf16)")
+    return precision
+
+
+def engine_problems(cfg: DictConfig) -> list[str]:
+    """Problems with the engine keys: precision (with megatron_amp_O2) and the optimizer's name and overlap options."""
+    from neva_tools.train.megatron_optim import OPTIMIZER_NAMES
+
+    problems = []
+    try:
+        trainer_precision(cfg.trainer.precision, cfg.model.megatron_amp_O2, notes=False)
+    except NevaError as exc:
+        problems.append(str(exc))
+    o = cfg.model.optim
+    name = str(o.name)
+    if name not in OPTIMIZER_NAMES:
+        problems.append(f"model.optim.name ({name}) is not one of {', '.join(OPTIMIZER_NAMES)}")
+    elif bool(o.overlap_param_gather) and not OPTIMIZER_NAMES[name]:
+        problems.append(f"model.optim.overlap_param_gather needs model.optim.name distributed_fused_adam (not {name})")
+    return problems
+
+
+def optim_settings(cfg: DictConfig, **parts: Any) -> Any:
+    """``OptimSettings`` from ``model.optim`` (``parts``: the part learning rates of the NeVA job)."""
+    from neva_tools.train.optim import OptimSettings
+
+    o = cfg.model.optim
+    return OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas), name=str(o.name),
+                         overlap_grad_reduce=bool(o.overlap_grad_reduce),
+                         overlap_param_gather=bool(o.overlap_param_gather), **parts)  # fmt: skip
 
 
 def _vision_source(vision: DictConfig) -> tuple[str, str | None]:
@@ -117,7 +164,6 @@ def _train_neva(cfg: DictConfig) -> Path | None:
         make_trainer,
     )
     from neva_tools.train.module import NevaModule, ScheduleSettings
-    from neva_tools.train.optim import OptimSettings
     from neva_tools.train.sampler import ResumableSampler
     from neva_tools.train.validate import advisories, check_config
 
@@ -165,7 +211,8 @@ def _train_neva(cfg: DictConfig) -> Path | None:
 
     settings = TrainerSettings(
         max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
-        global_batch_size=int(m.global_batch_size), precision=trainer_precision(cfg.trainer.precision),
+        global_batch_size=int(m.global_batch_size),
+        precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
     )  # fmt: skip
@@ -182,14 +229,14 @@ def _train_neva(cfg: DictConfig) -> Path | None:
                           **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
     o = m.optim
-    optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas),
-                          projector_lr=o.mm_projector_lr, vision_lr=o.vision_tower_lr)  # fmt: skip
+    optim = optim_settings(cfg, projector_lr=o.mm_projector_lr, vision_lr=o.vision_tower_lr)
     sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
     module = NevaModule(build, optim, sched, loader=loader)
     vision_info = {"image_size": arch.image_size, "patch_size": arch.patch_size, "source": str(source)}
+    trained_in = {"32": 32, "bf16": "bf16", "fp16": 16}[settings.precision]  # the dtype of the saved weights (NeMo)
     final_cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
-                 "vision": vision_info}  # fmt: skip
+                 "vision": vision_info, "precision": trained_in}  # fmt: skip
     final = FinalNemo(run_dir / f"{cfg.name}.nemo", final_cfg, include_llm=not freeze_llm, projector=projector,
                       tokenizer=tokenizer)  # fmt: skip
     every = int(cfg.exp_manager.checkpoint_every_n_steps)
@@ -210,5 +257,6 @@ class FinalNemo(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         from neva_tools.model import neva_io
 
+        module.gather_weights()  # the weights of the last step (overlap_param_gather)
         self.output = neva_io.save_neva_nemo(module.model, self.path, self.config, include_llm=self.include_llm,
                                              projector_type=self.projector, tokenizer=self.tokenizer)  # fmt: skip

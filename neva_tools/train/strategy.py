@@ -1,5 +1,12 @@
 """A Lightning strategy for megatron-core models: sets up tensor/pipeline parallel groups after the process
-group, syncs gradients over the data-parallel group only, and shards data by data-parallel rank.
+group, shards data by data-parallel rank, and leaves gradient sync and the optimizer to megatron-core.
+
+The model is trained through megatron-core's own machinery (:mod:`neva_tools.train.megatron_optim`): the
+:class:`~neva_tools.train.module.NevaModule` wraps it in ``Float16Module`` + megatron-core's
+``DistributedDataParallel`` over the data-parallel group and steps megatron-core's optimizer itself (Lightning's
+manual optimization). So this strategy wraps nothing in torch DDP, builds no Lightning optimizer, and checkpoints
+the model and megatron-core's optimizer together as megatron-core dist checkpoints. :class:`EngineSettings` carries
+the trainer-level settings the module reads (precision, gradient clipping, accumulation).
 
 On GPU it runs with NCCL; on CPU with gloo (and the CPU compatibility patches). Launch under torchrun
 or srun (the processes are created externally) or as one plain process.
@@ -7,23 +14,33 @@ or srun (the processes are created externally) or as one plain process.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pytorch_lightning.strategies import DDPStrategy
-from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the module needs from the trainer's settings to train through megatron-core."""
+
+    precision: str = "32"  # parameter dtype: "32", "bf16" or "fp16" (16-bit: fp32 master weights in the optimizer)
+    clip_grad: float = 1.0  # clip the global (tensor- and data-parallel) gradient L2 norm to this; 0 disables
+    accumulate: int = 1  # micro-batches per optimizer step on each data-parallel rank
 
 
 class MegatronStrategy(DDPStrategy):
-    """``DDPStrategy`` whose DDP group is megatron's data-parallel group (see the module docstring)."""
+    """``DDPStrategy`` whose process group carries megatron's parallel groups (see the module docstring)."""
 
     strategy_name = "megatron"
 
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                 seed: int = 1234, **kwargs: Any) -> None:  # fmt: skip
+                 seed: int = 1234, engine: EngineSettings | None = None, **kwargs: Any) -> None:  # fmt: skip
         kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
         super().__init__(**kwargs)
         self.tp, self.pp, self.seed = tensor_model_parallel_size, pipeline_model_parallel_size, seed
+        self.engine = engine or EngineSettings()
 
     def setup_distributed(self) -> None:
         """The process group (Lightning), then megatron's parallel state and RNG streams."""
@@ -45,14 +62,25 @@ class MegatronStrategy(DDPStrategy):
         else:
             model_parallel_seed(self.seed)
 
-    def _setup_model(self, model: torch.nn.Module) -> Any:
-        from megatron.core import parallel_state
+    def configure_ddp(self) -> None:
+        """No torch DDP: the module's model is already a megatron-core ``DistributedDataParallel`` chunk."""
+        self.model = self._setup_model(self.model)
 
-        group = parallel_state.get_data_parallel_group()
-        if torch.distributed.get_world_size(group) == 1:
-            return model
-        device_ids = self.determine_ddp_device_ids()
-        return DistributedDataParallel(module=model, device_ids=device_ids, process_group=group, **self._ddp_kwargs)
+    def _setup_model(self, model: torch.nn.Module) -> Any:
+        return model
+
+    def setup_optimizers(self, trainer: Any) -> None:
+        """The module's ``configure_optimizers`` builds megatron-core's optimizer (and steps it itself); Lightning
+        gets no optimizer or scheduler."""
+        from pytorch_lightning.trainer import call
+
+        call._call_lightning_module_hook(trainer, "configure_optimizers", pl_module=self.lightning_module)
+        self.optimizers, self.lr_scheduler_configs = [], []
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore once ``setup`` built the optimizer: ``load_checkpoint`` loads it with the model."""
+        return True
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -64,29 +92,45 @@ class MegatronStrategy(DDPStrategy):
         }
 
     # -- checkpoints: megatron-core dist checkpoints instead of torch.save of full state dicts --------------
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        from neva_tools.train import checkpoint as ckpt
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Nothing: ``save_checkpoint`` writes the model's sharded state dict itself."""
+        return {}
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """The model, megatron-core's optimizer and the rest of Lightning's checkpoint (loops, callbacks, the
+        module's schedulers) as one dist checkpoint; every rank calls this."""
+        from neva_tools.train import checkpoint as ckpt
+        from neva_tools.train.megatron_optim import gather_params
+
+        module = self.lightning_module
         common = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        optimizer = self.optimizers[0] if self.optimizers else None
-        ckpt.save(filepath, self.lightning_module.model, optimizer, common)
+        common["neva_engine"] = self._engine_identity()
+        gather_params(module.chunks)  # weights updated by the last step, with overlap_param_gather
+        ckpt.save(filepath, module.model, module.optimizer, common)
+
+    def _engine_identity(self) -> dict[str, Any]:
+        """What decides the layout of the optimizer state in a checkpoint."""
+        return {"optimizer": self.lightning_module.optim.name, "precision": self.engine.precision}
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load the model weights now (optimizers do not exist yet); the optimizer follows in
-        ``load_optimizer_state_dict``."""
+        """Load the model weights and the optimizer state (both exist after ``setup``); return the rest for Lightning
+        (loops, callbacks, the module's ``on_load_checkpoint``)."""
         from neva_tools.train import checkpoint as ckpt
 
-        self._resume_path = checkpoint_path
-        common = ckpt.load(checkpoint_path, self.lightning_module.model, None)
-        return {**common, "state_dict": {}, "optimizer_states": [None]}
+        module = self.lightning_module
+        common = ckpt.load(checkpoint_path, module.model, module.optimizer, engine=self._engine_identity())
+        return {**common, "state_dict": {}, "optimizer_states": [], "lr_schedulers": []}
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        """The optimizer was restored by ``load_checkpoint``."""
+        return False
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
         """Weights were loaded by ``load_checkpoint``."""
 
     def load_optimizer_state_dict(self, checkpoint: Any) -> None:
-        from neva_tools.train import checkpoint as ckpt
-
-        ckpt.load(self._resume_path, self.lightning_module.model, self.optimizers[0])
+        """The optimizer was loaded by ``load_checkpoint``."""
 
     def remove_checkpoint(self, filepath: Any) -> None:
         from neva_tools.train import checkpoint as ckpt
@@ -100,32 +144,3 @@ class MegatronStrategy(DDPStrategy):
         super().teardown()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-
-
-def tp_grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-    """The global L2 norm of the gradients of a tensor-parallel model: split parameters counted on every
-    rank, replicated ones once (on TP rank 0), summed over the TP group."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float32, device="cpu")
-    for p in parameters:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            total = total + p.grad.detach().float().pow(2).sum().cpu()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        device = next((p.grad.device for p in parameters if p.grad is not None), torch.device("cpu"))
-        total = total.to(device)
-        torch.distributed.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    return total.sqrt().cpu()
-
-
-def clip_tp_grads(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Scale gradients so their TP-global norm is at most ``max_norm``; return the norm before clipping."""
-    norm = tp_grad_norm(parameters)
-    if max_norm > 0:
-        coef = max_norm / (float(norm) + 1e-6)
-        if coef < 1.0:
-            for p in parameters:
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
-    return norm

@@ -42,12 +42,14 @@ class TextValidation(pl.Callback):
         self.make_loader, self.every, self.directory = make_loader, every, Path(directory)
         self.history: list[tuple[int, float]] = []
         self._last = -1
+        self._step_before = 0  # trainer.global_step when the current micro-batch started
 
     def evaluate(self, module: pl.LightningModule) -> float:
         """The validation loss, summed over tokens on every data-parallel rank."""
         from megatron.core import parallel_state
 
-        model = module.model
+        module.gather_weights()  # the weights of the last step (overlap_param_gather)
+        model = module.chunk  # through Float16Module: bf16/fp16 weights take the integer batch as in training
         was_training = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=module.device)  # summed on the device: no sync per batch
@@ -74,9 +76,14 @@ class TextValidation(pl.Callback):
         for log in trainer.loggers:
             log.log_metrics({"val_loss": value}, step=step)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        self._step_before = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
-        if self.every > 0 and trainer.global_step % self.every == 0:
+        stepped = trainer.global_step != self._step_before  # not in the middle of gradient accumulation
+        if self.every > 0 and stepped and trainer.global_step % self.every == 0:
             self._run(trainer, module)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -98,6 +105,7 @@ class FinalGptNemo(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         from neva_tools.model.gpt_nemo import save_gpt_nemo
 
+        module.gather_weights()
         self.output = save_gpt_nemo(module.model, self.path, self.source, self.tokenizer)
 
 
@@ -133,8 +141,7 @@ def train_text(cfg: DictConfig) -> Path | None:
         make_trainer,
     )
     from neva_tools.train.module import NevaModule, ScheduleSettings
-    from neva_tools.train.optim import OptimSettings
-    from neva_tools.train.run import trainer_precision
+    from neva_tools.train.run import engine_problems, optim_settings, trainer_precision
     from neva_tools.train.sampler import ResumableSampler
     from neva_tools.train.text_validate import text_problems
 
@@ -142,7 +149,7 @@ def train_text(cfg: DictConfig) -> Path | None:
     tp = int(m.tensor_model_parallel_size)
     if int(m.pipeline_model_parallel_size) != 1:
         raise NevaError("pipeline_model_parallel_size > 1 is not supported for text pretraining yet; use TP")
-    problems = text_problems(cfg, offline=False)
+    problems = engine_problems(cfg) + text_problems(cfg, offline=False)
     if problems:
         raise NevaError("the text-pretraining config has problems:\n  " + "\n  ".join(problems))
     llm_path = Path(m.mm_cfg.llm.from_pretrained)
@@ -161,7 +168,8 @@ def train_text(cfg: DictConfig) -> Path | None:
                         f"({positions['max_sequence_length']}, encoder_seq_length of {llm_path})")  # fmt: skip
     settings = TrainerSettings(
         max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
-        global_batch_size=int(m.global_batch_size), precision=trainer_precision(cfg.trainer.precision),
+        global_batch_size=int(m.global_batch_size),
+        precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
     )  # fmt: skip
@@ -197,7 +205,7 @@ def train_text(cfg: DictConfig) -> Path | None:
         return model
 
     o = m.optim
-    optim = OptimSettings(lr=float(o.lr), weight_decay=float(o.weight_decay), betas=tuple(o.betas))
+    optim = optim_settings(cfg)
     sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
     module = NevaModule(build, optim, sched, loss_fn=gpt_loss, loader=loader)

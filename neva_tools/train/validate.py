@@ -1,7 +1,7 @@
 """``neva config validate``: everything about a training config that can be checked without GPUs.
 
 Offline rules read no referenced file: batch sizes (and, given the processes per node, divisibility by
-micro × data-parallel size), schedule, names of templates/projectors/precisions/aspect modes, and the vision
+micro × data-parallel size), schedule, names of templates/projectors/precisions/optimizers/aspect modes, and the vision
 encoder when it is an open_clip model name (its config ships with open_clip). ``neva train`` runs every rule
 before it starts; :func:`advisories` lists valid but unusual settings (notes, not errors).
 With ``offline=False`` the referenced files are read too: the LLM ``.nemo`` (TP divides its heads, query
@@ -25,7 +25,7 @@ from neva_tools.data.templates import TEMPLATE_NAMES
 from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
 from neva_tools.model.recompute import recompute_settings
-from neva_tools.train.run import PRECISIONS
+from neva_tools.train.run import engine_problems
 
 
 def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None = None) -> list[str]:
@@ -61,7 +61,7 @@ def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None =
 
 
 def _general(cfg: DictConfig, devices: int | None) -> list[str]:
-    """Batch sizes, parallelism, precision and schedule."""
+    """Batch sizes, parallelism, precision, optimizer and schedule."""
     from neva_tools.train.fit import TrainerSettings, accumulation
 
     problems: list[str] = []
@@ -85,8 +85,7 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
                             f"{nodes}; model.tensor_model_parallel_size {tp})")  # fmt: skip
     if pp != 1:
         problems.append(f"model.pipeline_model_parallel_size ({pp}) must be 1: NeVA training supports TP only")
-    if str(cfg.trainer.precision) not in PRECISIONS:
-        problems.append(f"trainer.precision ({cfg.trainer.precision}) is not one of {', '.join(PRECISIONS)}")
+    problems += engine_problems(cfg)  # precision (with megatron_amp_O2), optim.name, overlap options
     steps, sched = int(cfg.trainer.max_steps), m.optim.sched
     if int(sched.warmup_steps) + int(sched.constant_steps) > steps:
         problems.append(f"model.optim.sched warmup_steps ({sched.warmup_steps}) + constant_steps "

@@ -85,6 +85,11 @@ def _fires(problems: list[str], *parts: str) -> bool:
         (["model.mm_cfg.mm_mlp_adapter_type=qformer"], "mm_mlp_adapter_type (qformer) is not one of"),
         (["model.data.image_aspect_ratio=crop"], "image_aspect_ratio (crop) is not one of"),
         (["trainer.precision=8"], "trainer.precision (8) is not one of"),
+        (["model.optim.name=adamw"], "model.optim.name (adamw) is not one of fused_adam, distributed_fused_adam"),
+        (["trainer.precision=bf16-true", "model.megatron_amp_O2=false"],
+         "bf16-true with model.megatron_amp_O2: false asks for bf16 weights without fp32 master weights"),
+        (["model.optim.overlap_param_gather=true"],
+         "overlap_param_gather needs model.optim.name distributed_fused_adam (not fused_adam)"),
         (["model.optim.sched.warmup_steps=90", "model.optim.sched.constant_steps=20"],
          "warmup_steps (90) + constant_steps (20) exceed trainer.max_steps (100)"),
         (["model.optim.sched.min_lr=1.0"], "min_lr (1.0) is larger than model.optim.lr (0.002)"),
@@ -96,6 +101,39 @@ def test_each_offline_rule_names_the_values(overrides: list[str], expected: str)
     problems = check_config(load_config(None, overrides), offline=True)
     assert any(expected in p for p in problems), problems
     assert check_config(load_config(None, []), offline=True) == []
+
+
+def test_engine_precisions_and_optimizers() -> None:
+    """Every NeMo precision maps to fp32, bf16 or fp16 weights (16-bit ones with fp32 master weights); bf16-true is
+    bf16 with master weights unless megatron_amp_O2 is false, which is refused (also with neva train, below)."""
+    from neva_tools.train.run import trainer_precision
+
+    expected = {"32": "32", "32-true": "32", "bf16": "bf16", "bf16-mixed": "bf16", "bf16-true": "bf16",
+                "16": "fp16", "16-mixed": "fp16"}  # fmt: skip
+    assert {value: trainer_precision(value) for value in expected} == expected
+    assert trainer_precision("bf16-mixed", False) == "bf16" and trainer_precision(32, False) == "32"
+    for ok in (["trainer.precision=bf16-true"], ["trainer.precision=bf16", "model.megatron_amp_O2=false"],
+               ["trainer.precision=16-mixed"], ["model.optim.name=distributed_fused_adam",
+                                                "model.optim.overlap_grad_reduce=true",
+                                                "model.optim.overlap_param_gather=true"]):  # fmt: skip
+        assert check_config(load_config(None, ok), offline=True) == [], ok
+
+
+def test_cli_refuses_bf16_without_master_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """... and unknown optimizers: ``neva config validate`` and ``neva train`` (NeVA and text jobs) name both problems
+    and what to use instead."""
+    bad = ["model.optim.name=adamw", "trainer.precision=bf16-true", "model.megatron_amp_O2=false",
+           f"exp_manager.exp_dir={tmp_path}"]  # fmt: skip
+    messages = ("model.optim.name (adamw) is not one of fused_adam, distributed_fused_adam",
+                "trainer.precision bf16-true with model.megatron_amp_O2: false asks for bf16 weights without fp32 "
+                "master weights", "Use trainer.precision=bf16")  # fmt: skip
+    assert main(["config", "validate", "--offline", *bad]) == 1
+    out = capsys.readouterr().out
+    assert all(m in out for m in messages) and "FAILED: 2 problems" in out
+    for job in ([], ["model.text_pretrain.enabled=true", "model.text_pretrain.data_path=corpus_text_document"]):
+        assert main(["train", *bad, *job]) == 2
+        err = capsys.readouterr().err
+        assert all(m in err for m in messages), err
 
 
 def test_stage2_without_projector_is_a_note_not_a_problem() -> None:
