@@ -36,6 +36,7 @@ class TrainerSettings:
     num_nodes: int = 1
     seed: int = 1234
     progress: bool = True
+    tf32: bool = True
 
 
 def world_size() -> int:
@@ -183,7 +184,7 @@ def make_trainer(
     log_dir = Path(log_dir)
     devices = max(1, world // settings.num_nodes)
     engine = EngineSettings(precision=settings.precision, clip_grad=float(settings.gradient_clip_val or 0.0),
-                            accumulate=accumulation(settings, world))  # fmt: skip
+                            accumulate=accumulation(settings, world), tf32=settings.tf32)  # fmt: skip
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
                                 seed=settings.seed, engine=engine)  # fmt: skip
     # the bar reads the logged loss from the device when it refreshes: as often as the metrics are logged

@@ -215,6 +215,7 @@ def _train_neva(cfg: DictConfig) -> Path | None:
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
+        tf32=bool(m.tf32),
     )  # fmt: skip
     resume = ckpt.latest(run_dir / "checkpoints") if cfg.exp_manager.resume_if_exists else None
     consumed = consumed_samples(resume, settings.global_batch_size)

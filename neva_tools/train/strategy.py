@@ -28,6 +28,14 @@ class EngineSettings:
     precision: str = "32"  # parameter dtype: "32", "bf16" or "fp16" (16-bit: fp32 master weights in the optimizer)
     clip_grad: float = 1.0  # clip the global (tensor- and data-parallel) gradient L2 norm to this; 0 disables
     accumulate: int = 1  # micro-batches per optimizer step on each data-parallel rank
+    tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions on Ampere and newer GPUs (model.tf32)
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let CUDA fp32 matmuls and cuDNN convolutions use TF32 (``model.tf32``); the CPU is left as it is."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 class MegatronStrategy(DDPStrategy):
@@ -57,6 +65,7 @@ class MegatronStrategy(DDPStrategy):
             raise NevaError(f"world size ({world}) must be divisible by tensor_model_parallel_size ({self.tp}) × "
                             f"pipeline_model_parallel_size ({self.pp})")  # fmt: skip
         parallel_state.initialize_model_parallel(self.tp, self.pp)
+        set_tf32(self.engine.tf32)
         if torch.cuda.is_available():
             tensor_parallel.model_parallel_cuda_manual_seed(self.seed)
         else:

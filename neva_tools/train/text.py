@@ -172,6 +172,7 @@ def train_text(cfg: DictConfig) -> Path | None:
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
+        tf32=bool(m.tf32),
     )  # fmt: skip
     data = TextDataSettings(
         data_path=t.data_path, seq_length=seq, split=str(t.split), seed=int(m.seed),

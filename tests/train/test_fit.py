@@ -189,3 +189,28 @@ def test_loss_curve_reads_the_device_every_log_interval(tmp_path: Path) -> None:
         read_after.append(len(curve.losses))
     assert read_after == [0, 0, 0, 0, 0, 6, 6, 6, 6, 6, 6, 12]  # read at steps 3 and 6 only
     assert curve.steps == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6] and curve.losses == [float(i) for i in range(12)]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_is_set_on_cuda_and_the_cpu_is_left_alone(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> None:
+    import torch
+
+    from neva_tools.train.strategy import set_tf32
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not enabled)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_tf32(enabled)
+    assert calls == [] and torch.backends.cudnn.allow_tf32 is (not enabled)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_tf32(enabled)
+    assert calls == ["high" if enabled else "highest"] and torch.backends.cudnn.allow_tf32 is enabled
+
+
+def test_model_tf32_reaches_the_strategy(tmp_path: Path) -> None:
+    from neva_tools.train.fit import make_trainer
+
+    for enabled in (True, False):
+        settings = TrainerSettings(max_steps=1, progress=False, tf32=enabled)
+        assert make_trainer(settings, tmp_path).strategy.engine.tf32 is enabled
