@@ -23,8 +23,12 @@ image token), so both language models run the same 4 × 319 sequence, with no pa
 supervised next-token targets per sample (megatron-core does not train the last image embedding to predict the
 first text token after it, so that HF label is ignored too). Throughput counts batch × expanded length tokens per step.
 
-A step is ``zero_grad`` + forward + loss + backward + ``AdamW.step``; the optimizer is
-``neva_tools.train.optim.build_optimizer`` for both models (the same ``torch.optim.AdamW`` and parameter groups).
+A step is ``zero_grad`` + forward + loss + backward + the optimizer step. Ours trains as ``neva train`` does
+(``--engine megatron``, the default): megatron-core's DDP wrapper and optimizer (``neva_tools.train.megatron_optim``,
+``fused_adam``, gradient clipping at 1.0); ``--engine torch`` trains the bare model with
+``neva_tools.train.optim.build_optimizer`` (torch's AdamW), HF's optimizer in both cases. ``--precision bf16``: ours
+in bf16 weights with fp32 master weights (``Float16Module``), HF in fp32 weights under CPU bf16 autocast (the HF
+Trainer's ``bf16=True``); the losses then differ from fp32 in the third decimal.
 Each model runs ``--warmup`` untimed steps, then ``--steps`` timed ones; by default the timed steps alternate
 (one of ours, one of HF, ...) so that a change in machine load during the run hits both alike
 (``--order sequential``: all of ours, then all of HF). Seconds/step is the mean (the median and minimum are
@@ -145,22 +149,57 @@ def hf_loss(model: Any, b: dict[str, Any]) -> Any:
 
 
 class Trainer:
-    """One model, its AdamW and its batch; ``step()`` runs one full training step and returns its seconds."""
+    """One model, torch's AdamW and its batch; ``step()`` runs one full training step and returns its seconds.
 
-    def __init__(self, model: Any, loss_fn: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any]) -> None:
+    Gradients are clipped to a norm of 1.0 (as megatron-core's optimizer and the HF Trainer do). ``autocast``: the
+    forward pass under bf16 autocast (fp32 weights and optimizer: HF Trainer's ``bf16=True``).
+    """
+
+    def __init__(self, model: Any, loss_fn: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any],
+                 autocast: bool = False) -> None:  # fmt: skip
         from neva_tools.train.optim import OptimSettings, build_optimizer
 
-        self.model, self.loss_fn, self.batch = model, loss_fn, batch
+        self.model, self.loss_fn, self.batch, self.autocast = model, loss_fn, batch, autocast
         self.optimizer = build_optimizer(model, OptimSettings(lr=1e-4))
         self.times: list[float] = []
         self.losses: list[float] = []
 
     def step(self) -> float:
+        import torch
+
         start = time.perf_counter()
         self.optimizer.zero_grad()
-        loss = self.loss_fn(self.model, self.batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss_fn(self.model, self.batch)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
+        self.losses.append(loss.item())
+        return time.perf_counter() - start
+
+
+class MegatronTrainer(Trainer):
+    """Our model as ``neva train`` trains it: megatron-core DDP (``Float16Module`` for bf16) and megatron-core's
+    optimizer (``fused_adam``: fp32 master weights for bf16, gradient clipping at 1.0)."""
+
+    def __init__(self, model: Any, loss_fn: Callable[[Any, dict[str, Any]], Any], batch: dict[str, Any],
+                 precision: str) -> None:  # fmt: skip
+        from neva_tools.train import megatron_optim as mo
+        from neva_tools.train.optim import OptimSettings
+
+        self.chunks = mo.wrap_model(model, precision=precision)
+        self.model, self.loss_fn, self.batch, self.autocast = self.chunks[0], loss_fn, batch, False
+        self.optimizer = mo.build_optimizer(self.chunks, OptimSettings(lr=1e-4), clip_grad=1.0)
+        self.times, self.losses = [], []
+
+    def step(self) -> float:
+        from neva_tools.train import megatron_optim as mo
+
+        start = time.perf_counter()
+        mo.zero_grad(self.chunks, self.optimizer)
+        loss = self.loss_fn(self.model, self.batch)
+        mo.scale_loss(self.optimizer, loss).backward()
+        mo.optimizer_step(self.chunks, self.optimizer)
         self.losses.append(loss.item())
         return time.perf_counter() - start
 
@@ -205,6 +244,12 @@ def main() -> int:
                         help="torch intra-op threads for both models (default: torch's choice)")  # fmt: skip
     parser.add_argument("--order", choices=("alternate", "sequential"), default="alternate",
                         help="timed steps interleaved ours/HF (default) or all of ours, then all of HF")  # fmt: skip
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32",
+                        help="32 (default): fp32 on both sides; bf16: ours bf16 weights + fp32 master weights, "
+                             "HF fp32 weights under bf16 autocast")  # fmt: skip
+    parser.add_argument("--engine", choices=("megatron", "torch"), default="megatron",
+                        help="ours through megatron-core DDP + optimizer as neva train runs it (default), or the "
+                             "bare model with torch AdamW (fp32 only)")  # fmt: skip
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
@@ -229,7 +274,13 @@ def main() -> int:
             raise SystemExit(f"our model expands an image to {ours.img_seq_len} tokens, expected {image_tokens}")
         data = make_batch(image_tokens)
         tokens = BATCH * data["seq_len"]
-        trainers = [Trainer(ours, ours_loss, data["ours"]), Trainer(hf, hf_loss, data["hf"])]
+        if args.engine == "megatron":
+            ours_trainer: Trainer = MegatronTrainer(ours, ours_loss, data["ours"], args.precision)
+        elif args.precision == "32":
+            ours_trainer = Trainer(ours, ours_loss, data["ours"])
+        else:
+            raise SystemExit("--engine torch trains in fp32 only")
+        trainers = [ours_trainer, Trainer(hf, hf_loss, data["hf"], autocast=args.precision == "bf16")]
         run(trainers, args.warmup, args.steps, args.order)
         ours_result, hf_result = (summarize(t, tokens) for t in trainers)
         last_vision = f"model.vision_tower.encoder.layers.{VISION['num_layers'] - 1}."
@@ -237,7 +288,8 @@ def main() -> int:
         result = {
             "benchmark": "train_step_tokens_per_second",
             "device": "cpu",
-            "dtype": "float32",
+            "precision": args.precision,
+            "engine": args.engine,
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
