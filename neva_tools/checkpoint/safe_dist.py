@@ -19,6 +19,7 @@ megatron-core reads anything (and on every rank alike, with no collective in fli
 from __future__ import annotations
 
 import contextlib
+import enum
 import io
 import json
 import pickle
@@ -65,10 +66,21 @@ class RefusedClass(pickle.UnpicklingError):
         self.qualname = f"{module}.{name}"
 
 
+def _enum_member(cls: Any, name: Any) -> Any:
+    """``getattr`` as newer Pythons pickle enum members (``getattr(WriteItemType, "TENSOR")``): only a member of an
+    allow-listed enum."""
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and _allowed(cls.__module__, cls.__qualname__)
+            and isinstance(name, str) and name in cls.__members__):  # fmt: skip
+        return cls[name]
+    raise RefusedClass("builtins", f"getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r})")
+
+
 class MetadataUnpickler(pickle.Unpickler):
-    """An unpickler that builds only the ``torch.distributed.checkpoint`` metadata classes."""
+    """An unpickler that builds only the ``torch.distributed.checkpoint`` metadata classes (and their enum members)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if not _allowed(module, name):
             raise RefusedClass(module, name)
         return super().find_class(module, name)

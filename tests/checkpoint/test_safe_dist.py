@@ -204,3 +204,25 @@ def test_allow_list_names_only_checkpoint_classes() -> None:
     assert safe_dist._allowed("torch", "bfloat16") and safe_dist._allowed("torch", "Size")
     assert not safe_dist._allowed("torch", "load") and not safe_dist._allowed("posix", "system")
     assert not safe_dist._allowed("builtins", "eval") and not safe_dist._allowed("builtins", "getattr")
+
+
+class _ByGetattr:
+    """Pickles as ``getattr(target, name)``: how Python 3.12 pickles an enum member (``WriteItemType.TENSOR``)."""
+
+    def __init__(self, target: object, name: str) -> None:
+        self.target, self.name = target, name
+
+    def __reduce__(self) -> tuple:
+        return getattr, (self.target, self.name)
+
+
+def test_enum_members_pickled_by_getattr_load_and_nothing_else_does() -> None:
+    """Python 3.12 (the GPU images) pickles enum members as ``getattr(Enum, "NAME")``: those load, other getattrs
+    are refused."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    stream = io.BytesIO(pickle.dumps([_ByGetattr(WriteItemType, "TENSOR")]))
+    assert safe_dist.MetadataUnpickler(stream).load() == [WriteItemType.TENSOR]
+    for target, name in ((WriteItemType, "__init__"), (torch.Size, "__class__"), (WriteItemType, "_missing_")):
+        with pytest.raises(safe_dist.RefusedClass, match=r"builtins\.getattr"):
+            safe_dist.MetadataUnpickler(io.BytesIO(pickle.dumps(_ByGetattr(target, name)))).load()
