@@ -121,7 +121,7 @@ def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 
     Both stages run ``recipes/tiny_cpu/`` (the hyperparameters live there); only this run's paths, step counts and
     the global batch of ``nproc`` processes (micro batch × DP, DP = ``nproc`` / TP 2) are given on the command line.
     """
-    from neva_tools.train.config import load_config
+    from neva_tools.config.load import load_config
 
     start = time.time()
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu"

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
 
 def _load(args: argparse.Namespace):
-    from neva_tools.train.config import load_config
+    from neva_tools.config.load import load_config
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:

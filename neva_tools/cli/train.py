@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from neva_tools.train.supervision import die_with_launcher
 
     die_with_launcher()  # first: a rank whose launcher is killed must not train on unsupervised
-    from neva_tools.train.config import load_config
+    from neva_tools.config.load import load_config
     from neva_tools.train.run import train
 
     config, overrides = args.config, list(args.overrides)

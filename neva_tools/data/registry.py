@@ -23,6 +23,9 @@ import yaml
 from neva_tools.errors import NevaError
 
 ENTRY_KEYS = {"annotation_path", "data_path", "template", "description"}
+DEFAULT_REGISTRY = "conf/datasets.yaml"  # model.data.registry's default in conf/neva_config.yaml
+# The registry shipped with the checkout (the package is installed editable, also in the containers: /opt/neva).
+SHIPPED_REGISTRY = Path(__file__).resolve().parents[2] / DEFAULT_REGISTRY
 _USE_RE = re.compile(r"^([A-Za-z0-9_.\-/]+?)(?:%(\d+(?:\.\d+)?))?$")
 
 
@@ -51,12 +54,30 @@ def _resolve(value: Any, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-def load_registry(path: str | os.PathLike) -> dict[str, DatasetSpec]:
-    """Read a registry YAML (``name: {annotation_path, data_path, template}``); relative paths resolve
-    against the registry file's folder. Unknown keys are an error listing the valid ones."""
-    path = Path(path)
-    if not path.is_file():
-        raise NevaError(f"dataset registry {path} does not exist")
+def find_registry(path: str | os.PathLike | None) -> Path:
+    """The registry file ``model.data.registry`` names, as an absolute path (``~`` and ``$VARS`` expanded).
+
+    A relative path resolves against the current directory; the default ``conf/datasets.yaml``, if not there,
+    is the one shipped with the package (so ``neva train`` finds it from any directory)."""
+    if path is None or str(path) == "":
+        raise NevaError(f"model.data.registry is not set; give a registry YAML, e.g. {SHIPPED_REGISTRY}")
+    given = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    looked = {Path(os.path.abspath(given)): "" if given.is_absolute() else " (relative to the current directory)"}
+    if given == Path(DEFAULT_REGISTRY):
+        looked.setdefault(SHIPPED_REGISTRY, " (the registry shipped with neva_tools)")
+    for candidate in looked:
+        if candidate.is_file():
+            return candidate
+    places = " and ".join(f"{place}{why}" for place, why in looked.items())
+    raise NevaError(f"model.data.registry ({path}): no dataset registry file at {places}; give the registry YAML's "
+                    "absolute path or one relative to the directory neva runs in")  # fmt: skip
+
+
+def load_registry(path: str | os.PathLike | None) -> dict[str, DatasetSpec]:
+    """Read a registry YAML (``name: {annotation_path, data_path, template}``) found by ``find_registry``;
+    relative paths in its entries resolve against the registry file's folder (``~`` expanded, absolute paths
+    kept). Unknown keys are an error listing the valid ones."""
+    path = find_registry(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

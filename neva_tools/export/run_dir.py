@@ -47,15 +47,19 @@ def run_description(run_dir: Path, config: str | Path | None = None,
     if config is not None or overrides:
         from omegaconf import OmegaConf
 
+        from neva_tools.config.load import load_config
         from neva_tools.model import neva_io
-        from neva_tools.train.config import load_config
+        from neva_tools.tokenizer.text import TextTokenizer
 
         m = load_config(config, overrides).model
         llm = m.mm_cfg.llm.from_pretrained
         if llm is None or not Path(llm).exists():
             raise NevaError(f"model.mm_cfg.llm.from_pretrained {llm!r} is not an existing .nemo")
-        llm_cfg, _ = neva_io.llm_config(llm)
-        cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data)}
+        llm_cfg, vocab = neva_io.llm_config(llm)
+        tokens = TextTokenizer(m.tokenizer.model or neva_io.extract_tokenizer(llm, neva_io.scratch_dir())).vocab_size
+        # vocab_size as neva train records it: tokens added to the LLM's vocabulary have rows of their own
+        cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
+               "vocab_size": max(vocab, tokens)}  # fmt: skip
         return cfg, Path(m.tokenizer.model or llm)
     finals = sorted(run_dir.glob("*.nemo"))
     if len(finals) != 1:

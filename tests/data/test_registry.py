@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from neva_tools.data.registry import load_registry, parse_dataset_list, sample_indices
+from neva_tools.data import registry as registry_module
+from neva_tools.data.registry import SHIPPED_REGISTRY, find_registry, load_registry, parse_dataset_list, sample_indices
 from neva_tools.errors import NevaError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,3 +62,68 @@ def test_sampling_counts_and_determinism() -> None:
 def test_shipped_registry_loads() -> None:
     reg = load_registry(REPO / "conf" / "datasets.yaml")
     assert {"cc3m", "llava_instruct"} <= set(reg)
+
+
+def test_entries_resolve_against_the_registry_folder_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "datasets.yaml").write_text(
+        "cc3m:\n  annotation_path: cc3m/chat.json\n  data_path: cc3m/images\n"
+        "home:\n  annotation_path: ~/home.json\n  data_path: /abs/images\n"
+    )
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "b")
+    reg = load_registry("../a/datasets.yaml")  # relative to the current directory, b/
+    monkeypatch.chdir(tmp_path)  # the specs must not depend on where they were loaded from
+    cc3m, home = reg["cc3m"], reg["home"]
+    assert cc3m.annotation_path.is_absolute() and cc3m.data_path is not None and cc3m.data_path.is_absolute()
+    assert cc3m.annotation_path.resolve() == (tmp_path / "a" / "cc3m" / "chat.json").resolve()
+    assert cc3m.data_path.resolve() == (tmp_path / "a" / "cc3m" / "images").resolve()
+    assert home.annotation_path == tmp_path / "home" / "home.json" and home.data_path == Path("/abs/images")
+
+
+def test_default_registry_is_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert SHIPPED_REGISTRY == REPO / "conf" / "datasets.yaml"
+    assert find_registry("conf/datasets.yaml") == SHIPPED_REGISTRY
+    assert {"cc3m", "llava_instruct"} <= set(load_registry("./conf/datasets.yaml"))
+    local = tmp_path / "conf" / "datasets.yaml"  # one in the current directory comes first
+    local.parent.mkdir()
+    local.write_text("mine:\n  annotation_path: mine.json\n")
+    reg = load_registry("conf/datasets.yaml")
+    assert list(reg) == ["mine"] and reg["mine"].annotation_path == Path.cwd() / "conf" / "mine.json"
+
+
+def test_config_validate_finds_the_default_registry_outside_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neva_tools.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "validate", "model.data.data_path=cc3m%50"]) == 1  # no LLM nor CLIP given
+    out = capsys.readouterr().out
+    assert "problem: dataset cc3m: annotation file" in out and "registry" not in out
+
+
+def test_registry_not_found_names_the_places_looked_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = tmp_path / "install" / "conf" / "datasets.yaml"
+    monkeypatch.setattr(registry_module, "SHIPPED_REGISTRY", shipped)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    cwd = Path.cwd()
+    with pytest.raises(NevaError) as exc:
+        load_registry("conf/datasets.yaml")
+    assert str(exc.value).startswith(
+        f"model.data.registry (conf/datasets.yaml): no dataset registry file at {cwd / 'conf' / 'datasets.yaml'} "
+        f"(relative to the current directory) and {shipped} (the registry shipped with neva_tools); give"
+    )
+    with pytest.raises(NevaError) as exc:  # a registry of the user's own: only the current directory
+        load_registry("my_datasets.yaml")
+    assert f"at {cwd / 'my_datasets.yaml'} (relative to the current directory); give" in str(exc.value)
+    with pytest.raises(NevaError, match=r"model.data.registry \(/nowhere/d.yaml\): no dataset registry file at "
+                                        r"/nowhere/d.yaml; give"):  # fmt: skip
+        load_registry("/nowhere/d.yaml")
+    with pytest.raises(NevaError, match=r"model\.data\.registry is not set"):
+        load_registry(None)

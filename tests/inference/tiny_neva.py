@@ -49,7 +49,7 @@ def train_overrides(assets: dict[str, Any], name: str, steps: int) -> list[str]:
 
 def train_job(rank: int, world_size: int, overrides: list[str]) -> str | None:
     """Run ``neva train`` in this process (for ``run_distributed``); the final ``.nemo`` on rank 0."""
-    from neva_tools.train.config import load_config
+    from neva_tools.config.load import load_config
     from neva_tools.train.run import train
 
     out = train(load_config(None, overrides))

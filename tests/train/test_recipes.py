@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from neva_tools.train.config import load_config
+from neva_tools.config.load import load_config
 from neva_tools.train.validate import check_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from neva_tools.train.config import load_config
+from neva_tools.config.load import load_config
 from neva_tools.train.text_validate import split_shares, text_problems
 
 TEXT_RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes" / "text_pretrain").rglob("*.yaml"))
