@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     source = n2h.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="the .nemo file (or extracted directory)")
     source.add_argument("--all-checkpoints", metavar="RUN_DIR",
-                        help="convert the LLM of every checkpoint of a NeVA training run into OUTPUT/step=N, "
-                        "skipping steps already converted")  # fmt: skip
+                        help="convert the LLM of every checkpoint of a training run (NeVA or text pretraining) into "
+                        "OUTPUT/step=N, skipping steps already converted")  # fmt: skip
     n2h.add_argument("--output", required=True, help="the Hugging Face directory to write")
     n2h.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the .nemo's precision)")
     n2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default %(default)s)")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neva_tools.cli.common import positive_int
+from neva_tools.data.megatron_flags import add_preprocess_flags
+from neva_tools.data.mixture import FORMAT_HELP
+from neva_tools.errors import NevaError
+
+if TYPE_CHECKING:
+    from neva_tools.data.mmap import PreprocessSummary, TokenCount
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -34,22 +41,23 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     pack.add_argument("--overwrite", action="store_true", help="replace an existing --output plan")
     pack.set_defaults(func=run_pack)
 
-    pre = dsub.add_parser("preprocess", parents=[parent], help="tokenize a JSONL text corpus into megatron mmap files")
-    pre.add_argument("--input", nargs="+", required=True, help="JSONL files, one document per line")
-    pre.add_argument("--json-key", default="text", help="the field holding the text (default %(default)s)")
-    pre.add_argument("--output-prefix", required=True, help="writes PREFIX_<json-key>_document.bin/.idx")
-    pre.add_argument("--tokenizer", required=True, help="sentencepiece .model or HF tokenizer directory")
-    pre.add_argument("--append-eod", action="store_true", help="end every document with the EOS token")
-    pre.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
-    pre.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    pre = dsub.add_parser("preprocess", parents=[parent], help="tokenize a JSONL text corpus into megatron mmap files",
+                          description="Tokenize loose JSONL (one document per line) into Megatron's mmap "
+                          ".bin/.idx pair. Megatron-LM's tools/preprocess_data.py flags are accepted too "
+                          "(--tokenizer-type/--tokenizer-model, --json-keys, ...); scripts/preprocess_data.py takes "
+                          "the same command line as that tool.")  # fmt: skip
+    add_preprocess_flags(pre, dropin=False)
     pre.set_defaults(func=run_preprocess)
 
     cnt = dsub.add_parser("count-tokens", parents=[parent], help="documents and tokens of a megatron mmap dataset")
-    cnt.add_argument("prefix", help="path prefix of the .bin/.idx pair (e.g. corpus_text_document)")
+    cnt.add_argument("prefix", nargs="?", help="path prefix of the .bin/.idx pair (e.g. corpus_text_document)")
+    cnt.add_argument("--mmap_path", "--mmap-path", dest="mmap_path",
+                     help="the prefix or its .bin, as NEO's count_mmap_token.py takes it")  # fmt: skip
     cnt.set_defaults(func=run_count_tokens)
 
-    mix = dsub.add_parser("mixture", parents=[parent], help="DATA_PATH blend and TRAIN_ITERS from a mixture YAML")
-    mix.add_argument("config", help="YAML with global_batch_size, seq_length, train_tokens|train_iters, datasets")
+    mix = dsub.add_parser("mixture", parents=[parent], help="DATA_PATH blend and TRAIN_ITERS from a mixture YAML",
+                          description=FORMAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    mix.add_argument("config", help="the mixture YAML (format above)")
     mix.add_argument("--json", action="store_true", help="print the plan as JSON")
     mix.set_defaults(func=run_mixture)
 
@@ -117,22 +125,37 @@ def run_pack(args: argparse.Namespace) -> int:
 
 def run_preprocess(args: argparse.Namespace) -> int:
     """``neva data preprocess``."""
-    from neva_tools.data.mmap import preprocess_jsonl
+    from neva_tools.data.megatron_flags import preprocess_job, run_preprocess_job
 
-    summary = preprocess_jsonl([Path(p) for p in args.input], args.output_prefix, Path(args.tokenizer),
-                               json_key=args.json_key, append_eod=args.append_eod, workers=args.workers,
-                               overwrite=args.overwrite)  # fmt: skip
-    print(f"Wrote {summary.bin_path} and {summary.idx_path}: {summary.documents:,} documents, {summary.tokens:,} "
-          f"tokens ({summary.dtype}) in {summary.seconds:.1f} s")  # fmt: skip
+    for summary in run_preprocess_job(preprocess_job(args), overwrite=args.overwrite):
+        print(preprocess_line(summary))
     return 0
+
+
+def preprocess_line(summary: PreprocessSummary) -> str:
+    """The one-line report of a ``preprocess_jsonl`` run."""
+    return (f"Wrote {summary.bin_path} and {summary.idx_path}: {summary.documents:,} documents, {summary.tokens:,} "
+            f"tokens ({summary.dtype}) in {summary.seconds:.1f} s")  # fmt: skip
+
+
+def count_prefix(prefix: str | None, mmap_path: str | None) -> str:
+    """The dataset prefix from the positional argument or ``--mmap_path`` (exactly one of them)."""
+    if (prefix is None) == (mmap_path is None):
+        found = f"both {prefix} and --mmap_path {mmap_path}" if prefix else "neither"
+        raise NevaError(f"give the dataset prefix either as an argument or as --mmap_path, found {found}")
+    return prefix if prefix is not None else mmap_path
+
+
+def count_line(count: TokenCount) -> str:
+    """The one-line report of ``count_tokens``."""
+    return f"{count.prefix}: {count.documents:,} documents, {count.sequences:,} sequences, {count.tokens:,} tokens"
 
 
 def run_count_tokens(args: argparse.Namespace) -> int:
     """``neva data count-tokens``."""
     from neva_tools.data.mmap import count_tokens
 
-    count = count_tokens(args.prefix)
-    print(f"{count.prefix}: {count.documents:,} documents, {count.sequences:,} sequences, {count.tokens:,} tokens")
+    print(count_line(count_tokens(count_prefix(args.prefix, args.mmap_path))))
     return 0
 
 

@@ -6,6 +6,8 @@ run's final ``.nemo`` config or, for a run still in progress, by the training co
 ``--set key=value``). Each checkpoint becomes ``OUTPUT/step=N``; a step whose directory exists is skipped (outputs
 appear only when complete), so re-running converts just the new checkpoints. ``OUTPUT`` must hold nothing but such
 ``step=N`` directories, and ``--overwrite`` replaces only Hugging Face model directories (checked before converting).
+Text-pretraining runs (``model.text_pretrain``: the LLM alone, a GPT ``.nemo`` at the end) convert the same way with
+``nemo-to-hf --all-checkpoints``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class StepResult:
 
 def run_description(run_dir: Path, config: str | Path | None = None,
                     overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:  # fmt: skip
-    """(NeVA model config, tokenizer source) describing a run's checkpoints; see the module docstring."""
+    """(model config, tokenizer source) describing a run's checkpoints (NeVA or text pretraining); see the module
+    docstring."""
     if config is not None or overrides:
         from omegaconf import OmegaConf
 
@@ -56,6 +59,8 @@ def run_description(run_dir: Path, config: str | Path | None = None,
         if llm is None or not Path(llm).exists():
             raise NevaError(f"model.mm_cfg.llm.from_pretrained {llm!r} is not an existing .nemo")
         llm_cfg, vocab = neva_io.llm_config(llm)
+        if m.text_pretrain.enabled:  # the LLM alone, with its own vocabulary (train_text refuses a larger tokenizer)
+            return {**llm_cfg, "vocab_size": vocab}, Path(m.tokenizer.model or llm)
         tokens = TextTokenizer(m.tokenizer.model or neva_io.extract_tokenizer(llm, neva_io.scratch_dir())).vocab_size
         # vocab_size as neva train records it: tokens added to the LLM's vocabulary have rows of their own
         cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
@@ -67,10 +72,13 @@ def run_description(run_dir: Path, config: str | Path | None = None,
         raise NevaError(f"{run_dir} must hold exactly one final .nemo to describe its checkpoints ({found}); pass "
                         "the training config instead: --config RECIPE.yaml [--set key=value ...]")  # fmt: skip
     from neva_tools.checkpoint.nemo_archive import NemoArchive
-    from neva_tools.checkpoint.nemo_tensors import model_config
+    from neva_tools.checkpoint.nemo_tensors import load_arch, model_config
 
     with NemoArchive(finals[0]) as archive:
-        return model_config(archive), finals[0]
+        cfg = model_config(archive)
+        if "mm_cfg" not in cfg:  # a text-pretraining run's GPT .nemo: the vocabulary size may come from its tokenizer
+            cfg = {**cfg, "vocab_size": load_arch(archive)[1].vocab_size}
+        return cfg, finals[0]
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:

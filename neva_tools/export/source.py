@@ -24,6 +24,7 @@ from neva_tools.mappings.base import Split
 from neva_tools.mappings.clip import mcore_state_to_hf_clip
 from neva_tools.mappings.llama import LlamaArch
 from neva_tools.mappings.projector import mcore_to_llava_hf, nemo_to_llava_hf
+from neva_tools.model.added_vocab import with_added_rows
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,18 @@ class NemoSource:
         if self.llm_archive is not None:
             _check_same_llm(self.cfg, self.arch, self.where, self.llm_archive.path)
         self._tensors = NemoTensors(llm_archive, self.arch)
+        self._llm_vocab = self.arch.vocab_size
+        trained = int(self.cfg.get("vocab_size") or self._llm_vocab)
+        if trained > self._llm_vocab:  # a frozen-LLM file whose tokenizer has added tokens: rows as training set them
+            self.arch = self.arch.replace(vocab_size=trained)
 
     def llm_tensor(self, name: str) -> torch.Tensor:
-        """The full LLM tensor ``name`` (canonical megatron-core name), vocabulary padding removed."""
-        return self._tensors.full(name)
+        """The full LLM tensor ``name`` (canonical megatron-core name), vocabulary padding removed; the rows of
+        tokens added to the LLM's vocabulary, when the file does not store them, start values as in training."""
+        tensor = self._tensors.full(name)
+        if self.arch.vocab_size > self._llm_vocab and self._tensors.entries[name] is Split.VOCAB:
+            tensor = with_added_rows(tensor, self._llm_vocab, self.arch.vocab_size)
+        return tensor
 
     def projector(self) -> dict[str, torch.Tensor]:
         """The projector under llava-hf names (``multi_modal_projector.linear_1.weight`` …)."""
@@ -152,7 +161,8 @@ class CheckpointSource:
 
     ``cfg`` is a NeVA model config (LLM keys, ``mm_cfg``, ``data``, ``vision``) and ``tokenizer_from`` the run's
     tokenizer (a sentencepiece model, a HF directory, or a ``.nemo`` storing it). Stacked per-layer tensors are
-    loaded one key at a time.
+    loaded one key at a time. A text-pretraining checkpoint (``text_only``: the GPT alone, ``cfg`` its LLM keys)
+    gives its LLM tensors only.
     """
 
     def __init__(self, directory: str | Path, cfg: Mapping[str, Any], tokenizer_from: str | Path) -> None:
@@ -169,9 +179,13 @@ class CheckpointSource:
             meta = dist_checkpointing.load_tensors_metadata(str(self.directory))
         self.meta = {k: (tuple(m.global_shape), m.dtype) for k, m in meta.items() if k.startswith("model.")}
         self._cache: tuple[str, torch.Tensor] | None = None
-        self._kind = projector_type(self.cfg, self.where)
-        if not self.meta.keys() >= {f"model.{n}" for n in mcore_to_llava_hf(self._kind)}:
-            raise NevaError(f"{self.where} is not a NeVA training checkpoint (no model.vision_projection tensors)")
+        # A text-pretraining run (model.text_pretrain) trains the GPT alone: model.decoder.* rather than
+        # model.language_model.decoder.*, and no projector or vision tower.
+        self.text_only = _EMBEDDING in self.meta and not any(k.startswith("model.language_model.") for k in self.meta)
+        self._kind = None if self.text_only else projector_type(self.cfg, self.where)
+        if not self.text_only and not self.meta.keys() >= {f"model.{n}" for n in mcore_to_llava_hf(self._kind)}:
+            raise NevaError(f"{self.where} is neither a NeVA training checkpoint (no model.vision_projection tensors) "
+                            f"nor a text-pretraining one (no {_EMBEDDING})")  # fmt: skip
 
     def _stacked(self, key: str) -> torch.Tensor:
         """The whole stored tensor ``key`` (all layers), cached until another key is read."""
@@ -201,17 +215,25 @@ class CheckpointSource:
 
     def llm_tensor(self, name: str) -> torch.Tensor:
         """The full LLM tensor ``name`` (canonical megatron-core name), vocabulary padding removed."""
-        tensor = self._tensor("model.language_model." + name.removeprefix("model."))
+        prefix = "model." if self.text_only else "model.language_model."
+        tensor = self._tensor(prefix + name.removeprefix("model."))
         if name in (_EMBEDDING, "model.output_layer.weight"):
             tensor = tensor[: self.arch.vocab_size]
         return tensor
 
     def projector(self) -> dict[str, torch.Tensor]:
         """The projector under llava-hf names."""
+        self._neva_only("a projector")
         return {hf: self._stacked("model." + n) for n, hf in mcore_to_llava_hf(self._kind).items()}
+
+    def _neva_only(self, what: str) -> None:
+        if self.text_only:
+            raise NevaError(f"{self.where} is a text-pretraining checkpoint (the LLM alone): it has no {what}; "
+                            "convert its LLM with `neva convert nemo-to-hf --all-checkpoints`")  # fmt: skip
 
     def vision_tower(self, vision: str | None) -> VisionTower:
         """The CLIP tower from the run's source, with the checkpoint's (possibly trained) layers applied."""
+        self._neva_only("vision tower")
         tower = resolve_tower(self.cfg, {}, self.where, vision)
         select = int(mm_setting(self.cfg, "mm_cfg", "vision_encoder", "vision_select_layer", default=-2))
         prefix = "model.vision_model."

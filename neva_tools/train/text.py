@@ -19,10 +19,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.errors import NevaError
 from neva_tools.model.recompute import recompute_keys
+from neva_tools.train.paths import resume_checkpoint, run_directory
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,6 @@ def train_text(cfg: DictConfig) -> Path | None:
     from neva_tools.model.from_nemo import load_gpt_from_nemo
     from neva_tools.model.gpt import gpt_model_kwargs
     from neva_tools.model.vocab_mask import mask_padded_vocab
-    from neva_tools.train import checkpoint as ckpt
     from neva_tools.train.fit import (
         PeriodicCheckpoint,
         TrainerSettings,
@@ -141,10 +141,19 @@ def train_text(cfg: DictConfig) -> Path | None:
         make_trainer,
     )
     from neva_tools.train.module import NevaModule, ScheduleSettings
-    from neva_tools.train.run import engine_problems, optim_settings, trainer_precision
+    from neva_tools.train.run import (
+        engine_problems,
+        llm_overrides,
+        loss_scale_settings,
+        optim_settings,
+        trainer_precision,
+    )
     from neva_tools.train.sampler import ResumableSampler
+    from neva_tools.train.steps import run_length
+    from neva_tools.train.text_mixture import apply_mixture
     from neva_tools.train.text_validate import text_problems
 
+    cfg = apply_mixture(cfg)  # a mixture YAML as data_path also sets max_steps, global_batch_size, seq_length
     m, t = cfg.model, cfg.model.text_pretrain
     tp = int(m.tensor_model_parallel_size)
     if int(m.pipeline_model_parallel_size) != 1:
@@ -153,7 +162,7 @@ def train_text(cfg: DictConfig) -> Path | None:
     if problems:
         raise NevaError("the text-pretraining config has problems:\n  " + "\n  ".join(problems))
     llm_path = Path(m.mm_cfg.llm.from_pretrained)
-    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    run_dir = run_directory(cfg)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
     override = Path(m.tokenizer.model) if m.tokenizer.model else None
     tokenizer = override or neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
@@ -166,13 +175,14 @@ def train_text(cfg: DictConfig) -> Path | None:
     if positions["position_embedding_type"] != "rope" and seq > int(positions["max_sequence_length"]):
         raise NevaError(f"model.text_pretrain.seq_length ({seq}) exceeds the LLM's learned positions "
                         f"({positions['max_sequence_length']}, encoder_seq_length of {llm_path})")  # fmt: skip
+    length = run_length(cfg, None)  # trainer.max_steps (max_epochs is for NeVA data), warmup_ratio
     settings = TrainerSettings(
-        max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
+        max_steps=length.max_steps, tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
         global_batch_size=int(m.global_batch_size),
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
-        tf32=bool(m.tf32),
+        tf32=bool(m.tf32), **loss_scale_settings(m),
     )  # fmt: skip
     data = TextDataSettings(
         data_path=t.data_path, seq_length=seq, split=str(t.split), seed=int(m.seed),
@@ -181,7 +191,7 @@ def train_text(cfg: DictConfig) -> Path | None:
         eod_mask_loss=bool(t.eod_mask_loss),
     )  # fmt: skip
     every, iters = int(t.eval_interval), int(t.eval_iters)
-    resume = ckpt.latest(run_dir / "checkpoints") if cfg.exp_manager.resume_if_exists else None
+    resume = resume_checkpoint(cfg, run_dir)
     consumed = consumed_samples(resume, settings.global_batch_size)
     datasets: dict[str, Any] = {}
 
@@ -201,20 +211,22 @@ def train_text(cfg: DictConfig) -> Path | None:
                           **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
     def build() -> Any:
-        model = load_gpt_from_nemo(llm_path, overrides=recompute_keys(m))[0]
+        model = load_gpt_from_nemo(llm_path, overrides={**recompute_keys(m), **llm_overrides(m)})[0]
         mask_padded_vocab(model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
         return model
 
     o = m.optim
     optim = optim_settings(cfg)
-    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
+    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=length.warmup_steps,
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
     module = NevaModule(build, optim, sched, loss_fn=gpt_loss, loader=loader)
     final = FinalGptNemo(run_dir / f"{cfg.name}.nemo", llm_path, override)
     mbs, gbs = settings.micro_batch_size, settings.global_batch_size
     validation = TextValidation(lambda: validation_batches(datasets["valid"], iters, gbs, mbs, vocab), every,
                                 run_dir / "logs")  # fmt: skip
-    callbacks = [validation, PeriodicCheckpoint(run_dir / "checkpoints", int(cfg.exp_manager.checkpoint_every_n_steps)),
-                 final]  # fmt: skip
+    every_save = int(cfg.exp_manager.checkpoint_every_n_steps)
+    keep = int(OmegaConf.select(cfg, "exp_manager.save_top_k", default=-1))
+    periodic = PeriodicCheckpoint(run_dir / "checkpoints", every_save, keep=keep, protect=resume)
+    callbacks = [validation, periodic, final]
     trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
     return fit(trainer, module, resume, consumed, final, run_dir / "logs")

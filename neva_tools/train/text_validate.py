@@ -2,7 +2,8 @@
 
 ``text_problems`` complements ``neva_tools.train.validate.check_config``: with ``text_pretrain.enabled`` the
 NeVA-only keys (vision encoder, ``model.data.*``, templates) do not apply, and these rules do. With
-``offline=False`` the dataset prefixes and the LLM ``.nemo`` are read too.
+``offline=False`` the dataset prefixes and the LLM ``.nemo`` are read too, and a mixture YAML's values are checked
+against the config (``neva_tools.train.text_mixture``).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def text_problems(cfg: DictConfig, *, offline: bool = True) -> list[str]:
         return problems
     if t.data_path is not None:
         from neva_tools.data.gpt_blend import parse_blend
+        from neva_tools.train.text_mixture import apply_mixture
 
         try:
             parse_blend(t.data_path)
+            apply_mixture(cfg)  # a mixture YAML's TRAIN_ITERS, GLOBAL_BATCH_SIZE, SEQ_LEN against the config's
         except NevaError as exc:
             problems.append(str(exc))
     if llm is not None and not Path(llm).is_file():

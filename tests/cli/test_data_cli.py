@@ -48,3 +48,27 @@ def test_preprocess_count_and_mixture(shapes: dict, tmp_path: Path, capsys: pyte
     assert main(["data", "mixture", str(config)]) == 0
     out = capsys.readouterr().out
     assert "TRAIN_ITERS=10" in out and f'DATA_PATH="1 {prefix}_text_document"' in out
+
+
+def test_count_tokens_takes_neo_mmap_path(shapes: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in synthetic.corpus()[:5]))
+    assert main(["data", "preprocess", "--input", str(corpus), "--output-prefix", str(tmp_path / "c"),
+                 "--tokenizer-model", str(shapes["tokenizer"]), "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["data", "count-tokens", "--mmap_path", str(tmp_path / "c_text_document.bin")]) == 0
+    assert "5 documents, 5 sequences" in capsys.readouterr().out
+    assert main(["data", "count-tokens", "c_text_document", "--mmap_path", "c_text_document"]) == 2
+    assert "either as an argument or as --mmap_path, found both" in capsys.readouterr().err
+    assert main(["data", "count-tokens"]) == 2
+    assert "found neither" in capsys.readouterr().err
+
+
+def test_mixture_help_documents_the_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "mixture", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("global_batch_size: 1024", "GLOBAL_BATCH_SIZE: 1024", "SEQ_LEN: 8192", "1_ROUND:", "TRAIN_ITERS",
+                 'DATA_PATH: "0.7 /data/web_text_document', "sets trainer.max_steps (TRAIN_ITERS)"):  # fmt: skip
+        assert text in out, text

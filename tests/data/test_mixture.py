@@ -164,3 +164,71 @@ def test_shell_special_characters_in_paths_survive(tmp_path: Path) -> None:
         ["bash", "-c", format_plan(plan) + '\nprintf "%s" "$DATA_PATH"'], check=True, capture_output=True, text=True
     )
     assert shell.stdout == f"1 {odd / 'x_text_document'}"
+
+
+# --- NEO's spelling: GLOBAL_BATCH_SIZE, SEQ_LEN, N_ROUND lists, DATA_PATH, TRAIN_ITERS ---------------------------
+
+
+def test_neo_rounds_repeat_each_dataset_n_times(data_dir: Path) -> None:
+    """neo/scripts/mixture_cfg.yml: weight = tokens × N, TRAIN_ITERS = Σ tokens × N / (GLOBAL_BATCH_SIZE × SEQ_LEN)."""
+    text = ("GLOBAL_BATCH_SIZE: 4\nSEQ_LEN: 8\nTOKEN_COUNT_LOG_DIR: ./count_token_logs/\n\n"
+            f"2_ROUND:\n  - {data_dir / 'a_text_document.bin'}\n\n0.5_ROUND:\n  - b_text_document.bin\n")  # fmt: skip
+    (data_dir / "mixture_cfg.yml").write_text(text)
+    plan = plan_mixture(data_dir / "mixture_cfg.yml")
+    a, b = str(data_dir / "a_text_document"), str(data_dir / "b_text_document")
+    # NEO's parse_mixture.py: "120 a 10 b", 130 tokens, 130 / 32 = 4.06 iterations (here: ceil, 5)
+    assert [e.prefix for e in plan.datasets] == [a, b]
+    assert [e.weight for e in plan.datasets] == pytest.approx([120 / 130, 10 / 130])
+    assert (plan.requested_train_tokens, plan.train_iters, plan.train_tokens) == (130, 5, 160)
+    assert [e.epochs for e in plan.datasets] == pytest.approx([round(160 * 120 / 130) / 60, round(160 * 10 / 130) / 20])
+
+
+def test_neo_rounds_with_train_iters_and_aliases(data_dir: Path) -> None:
+    plan = plan_from_dict({"GLOBAL_BATCH_SIZE": 4, "SEQ_LEN": 8, "TRAIN_ITERS": 10, "1_ROUND": ["a_text_document"],
+                           "3_ROUND": ["b_text_document"]}, base_dir=data_dir)  # fmt: skip
+    assert (plan.global_batch_size, plan.seq_length, plan.train_iters) == (4, 8, 10)
+    assert [e.weight for e in plan.datasets] == [0.5, 0.5]  # 60 × 1 and 20 × 3
+
+
+def test_data_path_blend_with_its_length(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a, b = data_dir / "a_text_document", data_dir / "b_text_document"
+    with caplog.at_level(logging.WARNING):
+        plan = plan_from_dict({"GLOBAL_BATCH_SIZE": 2, "SEQ_LEN": 8, "TRAIN_TOKENS": "1K",
+                               "DATA_PATH": f"120 {a} 10 {b}.bin"}, base_dir=data_dir)  # fmt: skip
+    assert "ratios sum" not in caplog.text  # DATA_PATH weights are relative, as in Megatron
+    assert plan.data_path == f"{120 / 130:.8g} {a} {10 / 130:.8g} {b}"
+    assert plan.train_iters == 63  # ceil(1000 / 16)
+    sized = plan_from_dict({"global_batch_size": 2, "seq_length": 8, "train_iters": 1,
+                            "data_path": ["a_text_document", "b_text_document"]}, base_dir=data_dir)  # fmt: skip
+    assert [e.weight for e in sized.datasets] == [0.75, 0.25]  # prefixes alone: weighted by their sizes (60, 20)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (
+            {"GLOBAL_BATCH_SIZE": 4, "global_batch_size": 8},
+            r"GLOBAL_BATCH_SIZE \(4\) and global_batch_size \(8\) differ",
+        ),
+        (
+            {"1_ROUND": ["a_text_document"], "datasets": [{"prefix": "b_text_document", "ratio": 1}]},
+            r"exactly one way: datasets, DATA_PATH or NEO's N_ROUND keys \(found datasets and N_ROUND\)",
+        ),
+        ({"abc_ROUND": ["a_text_document"]}, r"abc_ROUND is not N_ROUND with N a number"),
+        ({"0_ROUND": ["a_text_document"]}, r"0_ROUND repeats its datasets 0 times; it must be positive"),
+        (
+            {"1_ROUND": "a_text_document", "2_ROUND": ["a_text_document.bin"]},
+            r"2_ROUND\[0\] \(.*\) is also 1_ROUND\[0\]",
+        ),
+        ({"1_ROUND": {"x": 1}}, r"1_ROUND must be a list of dataset prefixes"),
+        ({"DATA_PATH": "0.5 a_text_document b_text_document", "TRAIN_ITERS": 1}, r"DATA_PATH .* mixes numbers"),
+        ({"DATA_PATH": "a_text_document"}, r"exactly one of train_tokens and train_iters .*found neither"),
+        ({"1_ROUND": ["missing_text_document"]}, r"1_ROUND\[0\] 'missing_text_document': .*missing_text_document\.bin"),
+        ({"SEQ_LEN": None, "1_ROUND": ["a_text_document"]}, r"seq_length must be a positive whole number"),
+        ({"LR": 1, "1_ROUND": ["a_text_document"]}, r"unknown keys \['LR'\]; .*NEO's GLOBAL_BATCH_SIZE, SEQ_LEN"),
+    ],
+)
+def test_neo_config_errors_name_the_key(data_dir: Path, cfg: dict[str, Any], message: str) -> None:
+    full = {"GLOBAL_BATCH_SIZE": 4, "SEQ_LEN": 8, **cfg}
+    with pytest.raises(NevaError, match=message):
+        plan_from_dict(full, source="mixture_cfg.yml", base_dir=data_dir)
