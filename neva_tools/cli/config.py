@@ -12,14 +12,16 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p = sub.add_parser("config", help="show or validate a training config", parents=[parent])
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     for name, func, help_text in (("show", run_show, "print the merged config (base → recipe → overrides)"),
-                                  ("validate", run_validate, "check a config; exit 1 on problems")):  # fmt: skip
+                                  ("validate", run_validate, "check a config: exit 0 valid, 1 problems listed, 2 the "
+                                   "config cannot be loaded (unknown keys, refused values)")):  # fmt: skip
         a = csub.add_parser(name, parents=[parent], help=help_text)
         a.add_argument("config", nargs="?", help="recipe YAML overriding conf/neva_config.yaml")
         a.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         if name == "validate":
             a.add_argument("--offline", action="store_true", help="skip the checks that read the referenced files")
             a.add_argument("--devices", type=positive_int, metavar="N",
-                           help="processes per node (scripts/train.sh N): global batch vs micro × DP")  # fmt: skip
+                           help="processes per node (scripts/train.sh N): global batch vs micro × DP "
+                                "(default: trainer.devices when set)")  # fmt: skip
         a.set_defaults(func=func)
 
 

@@ -224,8 +224,9 @@ NEMO_KEYS: dict[str, Fate] = {
     "model.activations_checkpoint_num_layers": Ours(),
     "model.num_micro_batches_with_partial_activation_checkpoints": Refused(_PP, (None,)),
     "model.activations_checkpoint_layers_per_pipeline": Refused(_PP, (None,)),
-    "model.sequence_parallel": Refused("sequence parallelism is not implemented for NeVA here; TP without it "
-                                       "trains the same model (more activation memory: use recompute)"),
+    "model.sequence_parallel": Refused("megatron-core's LLaVAModel runs sequence parallelism only with Transformer "
+                                       "Engine's attention, which this stack does not use; TP without it trains the "
+                                       "same model (more activation memory: use activation recompute)"),
     # model: precision
     "model.native_amp_init_scale": Ours("fp16 (trainer.precision 16): the initial loss scale"),
     "model.native_amp_growth_interval": Ours("fp16: steps without overflow before the loss scale grows"),

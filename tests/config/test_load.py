@@ -69,3 +69,19 @@ def test_trainer_devices_against_the_launcher() -> None:
     assert problems and "trainer.devices is 2 but the launcher runs 4 processes per node" in problems[0]
     assert devices_problems(load_config(None, ["trainer.devices=auto"]), 3) == ([], 3)
     assert devices_problems(load_config(None, ["trainer.devices=0"]), 3)[0]
+
+
+def test_config_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """0 valid, 1 problems listed, 2 the config cannot be loaded (every unknown key named); from any directory."""
+    from neva_tools.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "validate", "--offline", "tiny_cpu/stage1_pretrain.yaml", "--devices", "2"]) == 0
+    assert main(["config", "validate", "--offline", "tiny_cpu/stage1_pretrain.yaml", "trainer.devices=4",
+                 "--devices", "2"]) == 1  # fmt: skip
+    assert "trainer.devices is 4 but the launcher runs 2 processes per node" in capsys.readouterr().out
+    assert main(["config", "validate", "--offline", "tiny_cpu/stage1_pretrain.yaml", "model.optim.lrr=1",
+                 "trainer.gpus=2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "2 unknown config key(s)" in err and "model.optim.lrr" in err and "trainer.gpus" in err
