@@ -1,7 +1,8 @@
 """The training ``Dataset`` and collate function: what megatron-core's ``LLaVAModel`` consumes.
 
 Each item is one record rendered with its conversation template: ``input_ids`` with one
-``IMAGE_TOKEN_INDEX`` per image, ``labels`` shifted left within the sample (``labels[t]`` is the target
+``IMAGE_TOKEN_INDEX`` per image (between ``<extra_id_4>`` and ``<extra_id_5>`` with ``im_start_end``, NeMo's
+``mm_cfg.use_im_start_end``), ``labels`` shifted left within the sample (``labels[t]`` is the target
 of position ``t``), and the sample's images as normalised tensors. Images are decoded lazily in
 ``__getitem__``, and the tokenizer is loaded once per worker, so ``num_workers > 0`` works.
 ``PackedNevaDataset`` packs samples (first-fit-decreasing on lengths after image expansion) so that
@@ -65,8 +66,10 @@ class NevaDataset(Dataset):
         seed: int = 1234,
         max_seq_length: int | None = None,
         image_tokens: int = 576,
+        im_start_end: bool = False,
     ) -> None:
         self.items = load_items(uses, template, seed)
+        self.im_start_end = im_start_end
         self.tokenizer_path = Path(tokenizer_path)
         self.image_processor = image_processor
         self.max_seq_length = max_seq_length
@@ -92,7 +95,8 @@ class NevaDataset(Dataset):
         """(input_ids, labels) of item ``index``, shifted for next-token prediction, and its image count."""
         item = self.items[index]
         where = item.record.where()
-        tok = tokenize_conversation(item.record.turns(), item.template, self.tokenizer, where=where)
+        tok = tokenize_conversation(item.record.turns(), item.template, self.tokenizer, where=where,
+                                    im_start_end=self.im_start_end)  # fmt: skip
         if tok.num_images != len(item.record.images):
             raise NevaError(f"{where}: {tok.num_images} <image> placeholders but {len(item.record.images)} images")
         if self.max_seq_length is not None and tok.expanded_length(self.image_tokens) > self.max_seq_length:

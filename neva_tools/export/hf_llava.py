@@ -15,6 +15,9 @@ added after the tokenizer's last token. When that id lies beyond the LLM vocabul
 row is appended, initialised to the mean of the others as transformers' ``resize_token_embeddings`` does: the
 input row is always replaced by image features, and the output row's logit is the mean logit, so it is never the
 greedy choice; ``neva import`` removes the row again. Tensors are streamed: one full tensor at a time.
+The LLM vocabulary is the model's (``vocab_size`` of the NeVA config): tokens added to the LLM's tokenizer are
+exported with their rows (``neva_tools.export.source``); a model trained with ``mm_cfg.use_im_start_end`` gets a
+chat template that wraps each ``<image>`` in ``<extra_id_4>`` ... ``<extra_id_5>``.
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ def write_llava(source: NevaSource, output: str | Path, *, vision: str | Path | 
             raise NevaError(f"the tokenizer ({tok_path}) has {len(tok)} tokens but the LLM's vocabulary is "
                             f"{arch.vocab_size}; export the tokenizer the model was trained with")  # fmt: skip
         image_id = ensure_image_token(tok)
-        jinja = chat_template(tpl, word_start_answers=marks_word_starts(ours))
-        check_chat_template(tok, ours, tpl, jinja, image_id)
+        wrap = bool(mm_setting(cfg, "mm_cfg", "use_im_start_end", default=False))  # <extra_id_4> <image> <extra_id_5>
+        jinja = chat_template(tpl, word_start_answers=marks_word_starts(ours), im_start_end=wrap)
+        check_chat_template(tok, ours, tpl, jinja, image_id, im_start_end=wrap)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # our data pads with EOS when the tokenizer has no pad token
         added_row = image_id == arch.vocab_size

@@ -142,10 +142,12 @@ def prompt_ids(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=add)["input_ids"])
 
 
-def check_chat_template(tok: Any, ours: TextTokenizer, template: Template, jinja: str, image_id: int) -> None:
-    """Raise unless the HF tokenizer and chat template give our ids for :data:`PROBE` (``<image>`` ↔ -200)."""
+def check_chat_template(tok: Any, ours: TextTokenizer, template: Template, jinja: str, image_id: int, *,
+                        im_start_end: bool = False) -> None:  # fmt: skip
+    """Raise unless the HF tokenizer and chat template give our ids for :data:`PROBE` (``<image>`` ↔ -200;
+    ``im_start_end``: the images wrapped as the model was trained)."""
     turns = PROBE[: 2 * (template.max_rounds or 2)]
-    ours_ids = tokenize_conversation(turns, template, ours).input_ids
+    ours_ids = tokenize_conversation(turns, template, ours, im_start_end=im_start_end).input_ids
     expected = [image_id if i == IMAGE_TOKEN_INDEX else i for i in ours_ids]
     text = tok.apply_chat_template([{"role": t.role, "content": t.text} for t in turns], chat_template=jinja,
                                    tokenize=False)  # fmt: skip

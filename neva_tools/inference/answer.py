@@ -29,7 +29,8 @@ def answer(loaded: LoadedNeva, prompt: str, images: Sequence[str | Path] = (), *
            where: str = "prompt") -> Generation:  # fmt: skip
     """The model's answer to ``prompt`` about ``images``, rendered with its template; stops at the end of turn."""
     turns = [Turn("user", user_message(prompt, len(images), where))]
-    ids = generation_prompt(turns, loaded.template, loaded.tokenizer, where=where, system=system).input_ids
+    ids = generation_prompt(turns, loaded.template, loaded.tokenizer, where=where, system=system,
+                            im_start_end=loaded.im_start_end).input_ids  # fmt: skip
     pixels = load_images(list(images), loaded.image_processor)
     stops = stop_token_ids(loaded.template, loaded.tokenizer)
     return generate(loaded.model, loaded.tokenizer, ids, pixels, max_new_tokens=max_new_tokens, sampling=sampling,

@@ -174,7 +174,7 @@ def candidate_nll(loaded: LoadedNeva, context: Sequence[Turn], images: torch.Ten
     batch = []
     for answer in answers:
         tok = tokenize_conversation([*context, Turn("assistant", answer)], loaded.template, loaded.tokenizer,
-                                    where=where)  # fmt: skip
+                                    where=where, im_start_end=loaded.im_start_end)  # fmt: skip
         if tok.expanded_length(loaded.model.img_seq_len) > loaded.max_sequence_length:
             raise NevaError(f"{where}: {tok.expanded_length(loaded.model.img_seq_len)} tokens with candidate "
                             f"{answer!r}, more than the model's {loaded.max_sequence_length}")  # fmt: skip
@@ -204,7 +204,8 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
     folder = Path(image_folder) if image_folder is not None else None
     dataset = NevaDataset([DatasetUse(DatasetSpec(data.stem, data, folder, loaded.template))], loaded.tokenizer.path,
                           loaded.image_processor, template=loaded.template,
-                          max_seq_length=loaded.max_sequence_length, image_tokens=loaded.model.img_seq_len)  # fmt: skip
+                          max_seq_length=loaded.max_sequence_length, image_tokens=loaded.model.img_seq_len,
+                          im_start_end=loaded.im_start_end)  # fmt: skip
     if not len(dataset):
         raise NevaError(f"{data} holds no records")
     report: dict[str, Any] = {"model": str(loaded.source), "data": str(data), "template": loaded.template,
@@ -224,7 +225,8 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
             row["nll"] = dict(zip(q.answers, nll.tolist(), strict=True))
             choice.add(q.kind, accuracy=row["choice"] == q.reference, chance=1 / len(q.answers))
         if want_gen and len(q.reference.split()) <= settings.short_answer_words:
-            prompt = generation_prompt(q.context, loaded.template, loaded.tokenizer, where=q.record.where())
+            prompt = generation_prompt(q.context, loaded.template, loaded.tokenizer, where=q.record.where(),
+                                       im_start_end=loaded.im_start_end)  # fmt: skip
             out = generate(loaded.model, loaded.tokenizer, prompt.input_ids, images,
                            max_new_tokens=settings.max_new_tokens, stop_ids=stops,
                            vocab_size=loaded.vocab_size)  # fmt: skip

@@ -5,7 +5,9 @@ was trained, stage 2), the tokenizer and the run's config (the LLM's keys plus `
 The frozen parts come from where the config says: the LLM from ``mm_cfg.llm.from_pretrained`` when the archive
 holds none (stage 1), the vision encoder from ``mm_cfg.vision_encoder.from_pretrained`` (or ``vision=``), read with
 ``neva_tools.model.vision.read_clip_vision`` (open_clip or Hugging Face, CLIP or SigLIP) and converted exactly as
-``neva train`` does. Any saved TP loads at any running TP.
+``neva train`` does. Any saved TP loads at any running TP. The model's vocabulary is the config's ``vocab_size``
+(tokens added to the LLM's vocabulary included; a stage-1 file's added rows start as in training, see
+``neva_tools.model.added_vocab``), and prompts wrap images as ``mm_cfg.use_im_start_end`` says.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import canonical_name, model_config
 from neva_tools.data.images import ImageProcessor
-from neva_tools.data.templates import get_template
+from neva_tools.data.templates import get_template, image_wrap_ids
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.text import TextTokenizer
 
@@ -37,9 +39,10 @@ class LoadedNeva:
     tokenizer: TextTokenizer
     template: str  # conversation template name (neva_tools.data.templates)
     image_processor: ImageProcessor
-    vocab_size: int  # true vocabulary (the model's is padded)
+    vocab_size: int  # true vocabulary, tokens added to the LLM's included (the model's is padded)
     max_sequence_length: int  # the LLM's context, image embeddings included
     source: Path
+    im_start_end: bool = False  # mm_cfg.use_im_start_end: images between <extra_id_4> and <extra_id_5>
 
 
 def neva_config(nemo: str | Path) -> dict[str, Any]:
@@ -144,20 +147,24 @@ def load_neva(
     del state
     llm_path = _llm_source(nemo, cfg, llm)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
+    trained = max(vocab, int(cfg.get("vocab_size") or vocab))  # added tokens' rows: stored, else as training began
     model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
-                               projector_type=projector, projector_from=nemo)  # fmt: skip
+                               projector_type=projector, projector_from=nemo, vocab_size=trained)  # fmt: skip
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tokenizer = TextTokenizer(neva_io.extract_tokenizer(nemo, neva_io.scratch_dir()))
-    if tokenizer.vocab_size > vocab:
-        raise NevaError(f"the tokenizer stored in {nemo} has {tokenizer.vocab_size} tokens but the LLM "
-                        f"({llm_path}) only {vocab}")  # fmt: skip
+    if tokenizer.vocab_size > trained:
+        raise NevaError(f"the tokenizer stored in {nemo} has {tokenizer.vocab_size} tokens but the model was trained "
+                        f"with {trained} (LLM {llm_path}, vocab_size of {nemo})")  # fmt: skip
+    im_start_end = bool(mm.get("use_im_start_end"))
+    if im_start_end:
+        image_wrap_ids(tokenizer)  # the tokens exist (else a NevaError naming them), before any prompt is built
     aspect = str((cfg.get("data") or {}).get("image_aspect_ratio") or "pad")
     logger.info("loaded %s (LLM from %s, vision %s) at TP=%d", nemo, llm_path, source, tp)
     processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, aspect)
-    return LoadedNeva(model, tokenizer, template_used, processor, vocab, int(model.language_model.max_sequence_length),
-                      nemo)  # fmt: skip
+    return LoadedNeva(model, tokenizer, template_used, processor, trained,
+                      int(model.language_model.max_sequence_length), nemo, im_start_end)  # fmt: skip
 
 
 def load_images(paths: list[str | Path], processor: ImageProcessor) -> torch.Tensor:

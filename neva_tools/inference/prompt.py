@@ -41,12 +41,23 @@ def answer_span(tokenized: Tokenized) -> tuple[int, int]:
 
 
 def generation_prompt(
-    turns: Sequence[Turn], template: str, tokenizer: TextTokenizer, *, where: str = "prompt", system: str | None = None
+    turns: Sequence[Turn],
+    template: str,
+    tokenizer: TextTokenizer,
+    *,
+    where: str = "prompt",
+    system: str | None = None,
+    im_start_end: bool = False,
 ) -> Tokenized:
-    """Token ids of ``turns`` (ending with a user turn) up to where the assistant's answer starts."""
+    """Token ids of ``turns`` (ending with a user turn) up to where the assistant's answer starts.
+
+    ``im_start_end``: images between ``<extra_id_4>`` and ``<extra_id_5>``, as a model trained with NeMo's
+    ``mm_cfg.use_im_start_end`` saw them (``LoadedNeva.im_start_end``).
+    """
     if not turns or turns[-1].role != "user":
         raise NevaError(f"{where}: a generation prompt must end with a user turn")
-    full = tokenize_conversation([*turns, Turn("assistant", "")], template, tokenizer, where=where, system=system)
+    full = tokenize_conversation([*turns, Turn("assistant", "")], template, tokenizer, where=where, system=system,
+                                 im_start_end=im_start_end)  # fmt: skip
     start, _ = answer_span(full)
     return Tokenized(full.input_ids[:start], full.labels[:start], full.num_images)
 

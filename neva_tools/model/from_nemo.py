@@ -20,6 +20,7 @@ from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import NEVA_REPLICATED_PREFIXES, NemoTensors, canonical_name, load_arch
 from neva_tools.checkpoint.safe_dist import refusals_unwrapped
 from neva_tools.errors import NevaError
+from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, LlamaArch
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
 
@@ -42,7 +43,9 @@ def rank_state_dict(archive: NemoArchive, arch: LlamaArch, tp: int, rank: int, p
         state = {c: t for n, t in raw.items() if (c := canonical_name(n)) is not None}
         expected = {name for name, _, _ in arch.entries()}
         extra = set(state) - expected
-        if expected <= set(state) and all(name.startswith(NEVA_REPLICATED_PREFIXES) for name in extra):
+        vocab_rows = [state[n].shape[0] for n, _, split in arch.entries() if split is Split.VOCAB and n in state]
+        same_padding = all(rows == padded // tp for rows in vocab_rows)  # else the rows are re-padded below
+        if expected <= set(state) and same_padding and all(n.startswith(NEVA_REPLICATED_PREFIXES) for n in extra):
             return {name: state[name] for name in expected}
     tensors = NemoTensors(archive, arch)
     llm = {name for name, _, _ in arch.entries()}  # a NeVA archive also holds projector/vision tensors

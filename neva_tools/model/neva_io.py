@@ -1,5 +1,6 @@
-"""NeVA weights in and out: the LLM from a ``.nemo``, the projector from a stage-1 ``.nemo``, and the
-final NeVA ``.nemo`` of a training run (NeMo-1 NeVA layout, so ``neva repartition`` and NeMo read it).
+"""NeVA weights in and out: the LLM from a ``.nemo``, the projector from a stage-1 ``.nemo`` (or LLaVA's
+``mm_projector.bin``), and the final NeVA ``.nemo`` of a training run (NeMo-1 NeVA layout, so ``neva repartition``
+and NeMo read it).
 
 The final archive holds, per TP rank, the LLM shard (megatron-core names, when the LLM was trained)
 and the full projector under NeMo's ``mm_projector`` names (replicated), plus the tokenizer and the
@@ -25,12 +26,15 @@ from neva_tools.model.save_nemo import canonical_state, save_sharded_nemo
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
 
 
-def load_llm(model: Any, nemo_path: str | Path, tp: int, rank: int) -> dict[str, Any]:
-    """Load the LLM weights of ``nemo_path`` into ``model.language_model`` for TP ``rank``; return its config."""
+def load_llm(model: Any, nemo_path: str | Path, tp: int, rank: int, padded: int | None = None) -> dict[str, Any]:
+    """Load the LLM weights of ``nemo_path`` into ``model.language_model`` for TP ``rank``; return its config.
+
+    ``padded``: the model's padded vocabulary (default: the LLM's own; larger when added tokens grew it).
+    """
     with NemoArchive(nemo_path) as archive:
         cfg, arch = load_arch(archive)
         tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
-        padded = padded_vocab_size(arch.vocab_size, tp, int(cfg.get("make_vocab_size_divisible_by") or 128))
+        padded = padded or padded_vocab_size(arch.vocab_size, tp, int(cfg.get("make_vocab_size_divisible_by") or 128))
         load_state_into(model.language_model, rank_state_dict(archive, arch, tp, rank, padded), str(nemo_path))
     return cfg
 
@@ -49,15 +53,19 @@ def llm_padded_vocab(cfg: dict[str, Any], vocab: int, tp: int) -> int:
 
 def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: Any,
                vision_full: dict[str, torch.Tensor], *, select_layer: int, projector_type: str,
-               projector_from: str | Path | None = None, recompute: dict[str, Any] | None = None) -> Any:  # fmt: skip
+               projector_from: str | Path | None = None, recompute: dict[str, Any] | None = None,
+               vocab_size: int | None = None) -> Any:  # fmt: skip
     """This TP rank's ``LLaVAModel`` with the LLM of ``llm_path``, the vision encoder (full megatron-core tensors,
     split here) and, when ``projector_from`` is given, the projector stored there (else a fresh one).
 
     ``recompute`` holds NeMo's activation-checkpointing keys (``neva_tools.model.recompute``), applied to the LLM
-    and the vision encoder alike.
+    and the vision encoder alike. ``vocab`` is the LLM's vocabulary (the rows ``llm_path`` holds); ``vocab_size``
+    the model's, larger when the tokenizer has added tokens: their rows start as the mean rows
+    (``neva_tools.model.added_vocab``) and the padded vocabulary follows from it.
     """
     from megatron.core import parallel_state
 
+    from neva_tools.model.added_vocab import init_added_rows
     from neva_tools.model.neva import NevaParts, build_neva_model
     from neva_tools.model.recompute import apply_recompute
     from neva_tools.model.vision import load_mcore_state, vision_splits, vision_transformer_config
@@ -66,11 +74,13 @@ def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: 
     rank = parallel_state.get_tensor_model_parallel_rank()
     recompute = recompute or {}
     vision_cfg = apply_recompute(vision_transformer_config(arch, tp, select_layer=select_layer), recompute)
+    total = max(vocab, vocab_size or vocab)
+    padded = llm_padded_vocab(llm_cfg, total, tp)
     parts = NevaParts({**llm_cfg, **recompute, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
-                      llm_padded_vocab(llm_cfg, vocab, tp), vision_cfg, arch.image_size, arch.patch_size,
-                      projector_type)  # fmt: skip
+                      padded, vision_cfg, arch.image_size, arch.patch_size, projector_type)  # fmt: skip
     model = build_neva_model(parts)
-    load_llm(model, llm_path, tp, rank)
+    load_llm(model, llm_path, tp, rank, padded)
+    init_added_rows(model.language_model, vocab, total)
     load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select_layer))
     if projector_from:
         load_projector(model, projector_from, projector_type, tp, rank)
@@ -89,23 +99,25 @@ def extract_tokenizer(nemo_path: str | Path, dest: str | Path) -> Path:
     raise NevaError(f"{nemo_path} stores no tokenizer; set model.tokenizer.model")
 
 
-def load_projector(model: Any, nemo_path: str | Path, projector_type: str, tp: int, rank: int) -> None:
-    """Initialise ``model.vision_projection`` from the NeMo-named projector of a (stage-1) ``.nemo``."""
-    with NemoArchive(nemo_path) as archive:
-        state = archive.lazy_legacy(0, 0) if archive.layout == "legacy" else None
-        if state is None:
-            raise NevaError(f"{nemo_path}: the projector must come from a legacy-layout NeVA .nemo")
-        entries = projector_table(projector_type)
-        missing = [e.hf[0] for e in entries if e.hf[0] not in state]
-        if missing:
-            raise NevaError(f"{nemo_path} has no {projector_type} projector (missing {', '.join(missing)})")
-        local = {e.nemo.removeprefix("vision_projection."): tp_rules.shard(state[e.hf[0]], e.split, tp, rank)
-                 for e in entries}  # fmt: skip
+def load_projector(model: Any, source: str | Path, projector_type: str, tp: int, rank: int) -> None:
+    """Initialise ``model.vision_projection`` from stage 1's projector: the NeMo-named projector of a NeVA ``.nemo``
+    or LLaVA's ``mm_projector.bin``/``.safetensors`` (``neva_tools.model.projector_io``), checked against the model's
+    sizes and split for TP ``rank`` like every projector."""
+    from neva_tools.model.projector_io import check_shapes, read_projector
+
+    full = read_projector(source, projector_type)
+    check_shapes(full, projector_type, model.language_model.config.hidden_size, model.vision_model.config.hidden_size,
+                 str(source))  # fmt: skip
+    target = {k: v for k, v in model.vision_projection.state_dict().items() if not k.endswith("_extra_state")}
+    local = {}
+    for e in projector_table(projector_type):
+        key = e.nemo.removeprefix("vision_projection.")
+        local[key] = tp_rules.shard(full[e.hf[0]], e.split, tp, rank).to(target[key].dtype)
     model.vision_projection.load_state_dict(local, strict=False)  # copies the CPU tensors onto the model's device
     target = {k: v for k, v in model.vision_projection.state_dict().items() if not k.endswith("_extra_state")}
     for key, tensor in local.items():
         if not torch.equal(target[key].detach().cpu(), tensor):  # compared on the CPU, where the file was read
-            raise NevaError(f"loading projector tensor {key} from {nemo_path} failed")
+            raise NevaError(f"loading projector tensor {key} from {source} failed")
 
 
 def _gather_projector(model: Any, projector_type: str) -> dict[str, torch.Tensor]:

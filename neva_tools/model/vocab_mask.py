@@ -4,7 +4,8 @@ Megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by × 
 rows' logits (0) take part in the cross-entropy's softmax, so the loss depends on the padded size, i.e. on TP
 (measured on a tiny model: 4.83 at TP=1, 5.29 at TP=2) and differs from the Hugging Face model's. A forward hook
 on the output layer sets the logits of padded columns to the dtype's minimum: the loss is then the true
-vocabulary's at any TP, and padded rows get no gradient.
+vocabulary's at any TP, and padded rows get no gradient. The true vocabulary is the model's: with tokens added to the
+tokenizer (``neva_tools.model.added_vocab``) it is the tokenizer's size, so the added tokens' columns stay unmasked.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 The vision encoder's config (not its weights), the data's annotation files and image folders, the LLM ``.nemo``
 (its config; TP divides heads, query groups and FFN; ``max_seq_length`` fits ``encoder_seq_length``), its
-tokenizer (fits the vocabulary, holds EOS and every template's special tokens) and stage 1's projector (its
-sizes match both models). Each function returns problems naming the key and the values involved.
+tokenizer (holds EOS, every template's special tokens and, with ``mm_cfg.use_im_start_end``, ``<extra_id_4/5>``;
+NeVA gives tokens beyond the LLM's vocabulary rows of their own, see ``neva_tools.model.added_vocab``; text
+pretraining needs it to fit the vocabulary) and stage 1's projector (its sizes match both models). Each function
+returns problems naming the key and the values involved.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from neva_tools.data.templates import TEMPLATE_NAMES
+from neva_tools.config import derived
+from neva_tools.data.templates import get_template
 from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
 
@@ -52,7 +55,16 @@ def vision_problems(cfg: DictConfig) -> tuple[Any, list[str]]:
 def templates_used(cfg: DictConfig, uses: list[Any]) -> list[str]:
     """Every conversation template the data will be rendered with (registry entries may name their own)."""
     names = [str(cfg.model.data.conv_template)] + [use.spec.template for use in uses if use.spec.template]
-    return [n for n in dict.fromkeys(names) if n in TEMPLATE_NAMES]
+    return [n for n in dict.fromkeys(names) if _template_problem(n) is None]
+
+
+def _template_problem(name: str) -> str | None:
+    """Why ``name`` is no template (ours, or LLaVA's/NeMo's name for one of ours), or None."""
+    try:
+        get_template(name)
+    except NevaError as exc:
+        return str(exc)
+    return None
 
 
 def data_problems(cfg: DictConfig) -> tuple[list[Any], list[str]]:
@@ -74,9 +86,8 @@ def data_problems(cfg: DictConfig) -> tuple[list[Any], list[str]]:
             problems.append(f"dataset {spec.name}: annotation file {spec.annotation_path} does not exist")
         if spec.data_path is not None and not spec.data_path.is_dir():
             problems.append(f"dataset {spec.name}: image folder {spec.data_path} is not a directory")
-        if spec.template is not None and spec.template not in TEMPLATE_NAMES:
-            problems.append(f"dataset {spec.name}: template ({spec.template}) is not one of "
-                            f"{', '.join(TEMPLATE_NAMES)}")  # fmt: skip
+        if spec.template is not None and (why := _template_problem(spec.template)) is not None:
+            problems.append(f"dataset {spec.name}: template ({spec.template}): {why}")
     return uses, problems
 
 
@@ -105,6 +116,7 @@ def llm_problems(cfg: DictConfig, *, templates: list[str], neva: bool = True) ->
                                  ffn_hidden_size=arch.ffn_hidden_size)  # fmt: skip
     except NevaError as exc:
         problems.append(f"{exc} of {llm}")
+    problems += derived.llm_problems(cfg, llm, llm_cfg)
     if neva:
         if kwargs["position_embedding_type"] != "rope":
             problems.append(f"{llm} has position_embedding_type {kwargs['position_embedding_type']}; NeVA needs rope")
@@ -112,12 +124,14 @@ def llm_problems(cfg: DictConfig, *, templates: list[str], neva: bool = True) ->
         if seq > longest:
             problems.append(f"model.data.max_seq_length ({seq}) exceeds the LLM's encoder_seq_length ({longest}) in "
                             f"{llm}: megatron-core's LLaVAModel would cut every longer sequence")  # fmt: skip
-    return problems + _tokenizer(cfg, llm, llm_cfg, arch.vocab_size, templates)
+    return problems + _tokenizer(cfg, llm, llm_cfg, arch.vocab_size, templates, neva=neva)
 
 
-def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, templates: list[str]) -> list[str]:
-    """The tokenizer fits the LLM's vocabulary and holds EOS and the templates' special tokens."""
-    from neva_tools.data.templates import required_special_tokens
+def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, templates: list[str], *,
+               neva: bool = True) -> list[str]:  # fmt: skip
+    """The tokenizer holds EOS, the templates' special tokens and (``use_im_start_end``) the image start/end tokens;
+    for text pretraining it fits the LLM's vocabulary (NeVA training gives added tokens rows of their own)."""
+    from neva_tools.data.templates import IM_END_TOKEN, IM_START_TOKEN, required_special_tokens
     from neva_tools.model import neva_io
     from neva_tools.tokenizer.text import TextTokenizer
 
@@ -129,7 +143,7 @@ def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, t
         return [f"model.tokenizer.model: {exc}"]
     tp = int(m.tensor_model_parallel_size)
     divisible = int(llm_cfg.get("make_vocab_size_divisible_by") or 128)
-    if tok.vocab_size > vocab:
+    if tok.vocab_size > vocab and not neva:
         problems.append(f"tokenizer {path} has {tok.vocab_size} tokens (added tokens included) but the LLM {llm} "
                         f"has a {vocab}-token vocabulary (padded to {neva_io.llm_padded_vocab(llm_cfg, vocab, tp)} "
                         f"rows = a multiple of make_vocab_size_divisible_by {divisible} × TP {tp}); every token needs "
@@ -142,14 +156,24 @@ def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, t
         if missing:
             problems.append(f"tokenizer {path} lacks {missing} needed by template {template}; add them with neva "
                             "tokenizer add-tokens")  # fmt: skip
+    if neva and OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False):
+        missing = [t for t in (IM_START_TOKEN, IM_END_TOKEN) if tok.token_id(t) is None]
+        if missing:
+            new = Path(path).with_name(f"{Path(path).stem}_neva{Path(path).suffix}")
+            problems.append(f"model.mm_cfg.use_im_start_end is true but tokenizer {path} lacks {', '.join(missing)} "
+                            f"(every image is wrapped in {IM_START_TOKEN} ... {IM_END_TOKEN}); add them with `neva "
+                            f"tokenizer add-tokens --input {path} --output {new} --preset neva` and set "
+                            f"model.tokenizer.model={new}")  # fmt: skip
     return problems
 
 
 def projector_problems(cfg: DictConfig, arch: Any) -> list[str]:
-    """Stage 2's stage-1 ``.nemo`` holds a projector of the configured type whose sizes match both models."""
+    """Stage 2's stage-1 ``.nemo`` (or LLaVA's ``mm_projector.bin``) holds a projector of the configured type whose
+    sizes match both models."""
     from neva_tools.checkpoint.nemo_archive import NemoArchive
     from neva_tools.checkpoint.nemo_tensors import load_arch
     from neva_tools.mappings.projector import table
+    from neva_tools.model.projector_io import is_llava_file, read_projector
 
     m = cfg.model
     key, source = "model.mm_cfg.pretrain_mm_mlp_adapter", m.mm_cfg.pretrain_mm_mlp_adapter
@@ -159,13 +183,16 @@ def projector_problems(cfg: DictConfig, arch: Any) -> list[str]:
     if not Path(source).is_file():
         return [f"{key} ({source}) does not exist; run stage 1 first (its run writes NAME/NAME.nemo)"]
     try:
-        with NemoArchive(source) as archive:
-            state = archive.lazy_legacy(0, 0) if archive.layout == "legacy" else {}
-            names = [e.hf[0] for e in table(kind)]
-            missing = [n for n in names if n not in state]
-            if missing:
-                return [f"{key} ({source}) holds no {kind} projector (missing {', '.join(missing)})"]
-            rows, cols = state.shape(names[0])
+        if is_llava_file(source):  # LLaVA's mm_projector.bin: small, read whole
+            rows, cols = read_projector(source, kind)[table(kind)[0].hf[0]].shape
+        else:
+            with NemoArchive(source) as archive:
+                state = archive.lazy_legacy(0, 0) if archive.layout == "legacy" else {}
+                names = [e.hf[0] for e in table(kind)]
+                missing = [n for n in names if n not in state]
+                if missing:
+                    return [f"{key} ({source}) holds no {kind} projector (missing {', '.join(missing)})"]
+                rows, cols = state.shape(names[0])
         llm = m.mm_cfg.llm.from_pretrained
         if llm is not None and Path(llm).is_file():
             with NemoArchive(llm) as archive:
