@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+)
 
 from neva_tools.config import nemo_keys
 from neva_tools.config.suggest import suggestions
@@ -159,7 +164,7 @@ def load_config_report(
     OmegaConf.set_struct(cfg, True)
     try:
         OmegaConf.resolve(cfg)
-    except (ConfigAttributeError, ConfigKeyError) as exc:
+    except (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError) as exc:
         raise NevaError(f"config interpolation failed: {exc}") from None
     for key, (other, value) in same.items():
         if (not isinstance(value, str) or "${" not in value) and not nemo_keys.same_value(

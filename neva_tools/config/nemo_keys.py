@@ -344,20 +344,36 @@ def _resolved(raw: DictConfig) -> dict[str, Any]:
 _REFERENCE = re.compile(r"\$\{([^}:]+)\}")
 
 
-def _refers_to_ours(key: str, value: Any, is_ours: Callable[[str], bool]) -> bool:
-    """Whether ``value`` is no interpolation, or one whose every reference is one of our keys (kept as it is, so it
-    follows later overrides); otherwise the value resolved inside its source is used."""
-    if not isinstance(value, str) or "${" not in value:
-        return True
+def _absolute(key: str, ref: str) -> str:
+    """The absolute key of interpolation reference ``ref`` written at ``key`` (OmegaConf's relative ``.``/``..``)."""
+    if not ref.startswith("."):
+        return ref
     parent = key.split(".")[:-1]
-    for ref in _REFERENCE.findall(value):
-        if ref.startswith("."):
-            dots = len(ref) - len(ref.lstrip("."))
-            base = parent[: len(parent) - (dots - 1)] if dots > 1 else parent
-            ref = ".".join([*base, ref.lstrip(".")])
-        if not is_ours(ref):
-            return False
-    return True
+    dots = len(ref) - len(ref.lstrip("."))
+    base = parent[: len(parent) - (dots - 1)] if dots > 1 else parent
+    return ".".join([*base, ref.lstrip(".")])
+
+
+def _retarget(key: str, value: Any, is_ours: Callable[[str], bool]) -> Any | None:
+    """``value`` kept as an interpolation that follows later overrides: references to our keys stay, references to
+    mapped NeMo keys point at their targets (``${.encoder_seq_length}`` → ``${model.data.max_seq_length}``). None when
+    a reference is neither (then the value resolved inside its source is used)."""
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def swap(match: re.Match[str]) -> str:
+        ref = _absolute(key, match.group(1))
+        fate = NEMO_KEYS.get(ref)
+        if isinstance(fate, Mapped) and fate.convert is None:
+            ref = fate.target
+        if ref == key or not is_ours(ref):  # a mapped key that lands here, or not ours
+            raise KeyError(ref)
+        return "${" + ref + "}"
+
+    try:
+        return _REFERENCE.sub(swap, value)
+    except KeyError:
+        return None
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -394,7 +410,9 @@ def translate(raw: DictConfig, source: str, is_ours: Callable[[str], bool]) -> T
             if fate is None and not is_ours(key):
                 result.unknown.append(key)
                 continue
-            target, new = key, value if _refers_to_ours(key, value, is_ours) else values[key]
+            target, new = key, _retarget(key, value, is_ours)
+            if new is None:
+                new = values[key]
         elif isinstance(fate, Mapped):
             resolved = values[key]
             new = fate.convert(resolved) if fate.convert else resolved
