@@ -8,7 +8,8 @@ none (Qwen), a missing EOS or template special token is an error.
 Tokenization builds ids and labels together, piece by piece, so labels cannot be misaligned with ids
 (the "tokenization mismatch" of LLaVA issues 661/1166/1710 cannot happen). Special tokens are inserted
 by id, never by encoding their text; each ``<image>`` of a user message becomes one
-``IMAGE_TOKEN_INDEX`` (the model expands it to the image's embeddings). Supervised: the ``answer``
+``IMAGE_TOKEN_INDEX`` (the model expands it to the image's embeddings), with ``im_start_end`` (NeMo's
+``mm_cfg.use_im_start_end``) between the ids of ``<extra_id_4>`` and ``<extra_id_5>``. Supervised: the ``answer``
 format (the assistant message and the literal text around it) and the ``end`` token; everything else
 is ``IGNORE_INDEX``.
 
@@ -37,6 +38,7 @@ from neva_tools.tokenizer.text import TextTokenizer
 
 IMAGE_TOKEN_INDEX = -200  # megatron-core LLaVAModel's image placeholder id; one per image, expanded by the model
 IGNORE_INDEX = -100
+IM_START_TOKEN, IM_END_TOKEN = "<extra_id_4>", "<extra_id_5>"  # NeMo's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
 BOS, EOS = "<s>", "</s>"  # in format strings: the tokenizer's BOS / EOS
 
 _LLAVA_SYSTEM = (
@@ -138,10 +140,17 @@ TEMPLATE_NAMES: tuple[str, ...] = tuple(TEMPLATES)
 
 
 def get_template(name: str) -> Template:
-    """The template called ``name``; an unknown name is a ``NevaError`` listing the known ones."""
-    if name not in TEMPLATES:
-        raise NevaError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
-    return TEMPLATES[name]
+    """The template called ``name`` or another project's name for it (``neva_tools.data.template_aliases``: LLaVA's
+    ``--version``, NeMo's ``model_type``); an unknown name is a ``NevaError`` listing the known ones."""
+    from neva_tools.data.template_aliases import accepted_names, alias_template
+
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    aliased = alias_template(str(name), TEMPLATES)
+    if aliased is None:
+        raise NevaError(f"unknown conversation template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)} (or "
+                        f"LLaVA's/NeMo's names for them: {accepted_names()})")  # fmt: skip
+    return aliased
 
 
 def _resolve(template: str | Template) -> Template:
@@ -301,6 +310,20 @@ def _special_ids(tpl: Template, tokenizer: TextTokenizer) -> dict[str, int | Non
     return ids
 
 
+def image_wrap_ids(tokenizer: TextTokenizer) -> tuple[int, int]:
+    """The ids of :data:`IM_START_TOKEN` and :data:`IM_END_TOKEN` (``use_im_start_end``); missing ones are an error."""
+    start, end = tokenizer.token_id(IM_START_TOKEN), tokenizer.token_id(IM_END_TOKEN)
+    if start is None or end is None:
+        missing = [token for token, i in ((IM_START_TOKEN, start), (IM_END_TOKEN, end)) if i is None]
+        raise NevaError(
+            f"model.mm_cfg.use_im_start_end wraps every image in {IM_START_TOKEN} ... {IM_END_TOKEN}, but tokenizer "
+            f"{tokenizer.path} lacks {', '.join(missing)}; add them with `neva tokenizer add-tokens --input "
+            f"{tokenizer.path} --output NEW_TOKENIZER --preset neva` and train with the new tokenizer "
+            "(model.tokenizer.model=NEW_TOKENIZER)"
+        )
+    return start, end
+
+
 def tokenize_conversation(
     turns: Sequence[Turn],
     template: str | Template,
@@ -308,14 +331,20 @@ def tokenize_conversation(
     *,
     where: str = "record",
     system: str | None = None,
+    im_start_end: bool = False,
 ) -> Tokenized:
     """Token ids and labels of a conversation; ``where`` names the record in errors.
 
     The system prompt is the leading system turn if there is one, else ``system``, else the template's
-    default; an empty one leaves the system block out.
+    default; an empty one leaves the system block out. ``im_start_end`` puts each image's id between the ids of
+    ``<extra_id_4>`` and ``<extra_id_5>`` (NeMo's ``use_im_start_end``; unsupervised, like the image).
     """
     tpl = _resolve(template)
     specials = _special_ids(tpl, tokenizer)
+    image = [IMAGE_TOKEN_INDEX]
+    if im_start_end:
+        start, end = image_wrap_ids(tokenizer)
+        image = [start, IMAGE_TOKEN_INDEX, end]
     strip_space = marks_word_starts(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
@@ -341,7 +370,7 @@ def tokenize_conversation(
             continue
         flush()
         if piece.kind == "image":
-            add([IMAGE_TOKEN_INDEX], False)
+            add(image, False)
             images += 1
         elif (token_id := specials[piece.value]) is not None:  # a BOS the tokenizer lacks is left out
             add([token_id], piece.supervised)

@@ -64,3 +64,22 @@ def nemo_to_llava_hf(projector_type: str) -> dict[str, str]:
 def mcore_to_llava_hf(projector_type: str) -> dict[str, str]:
     """megatron-core ``vision_projection`` name → llava-hf ``multi_modal_projector`` name."""
     return {entry.nemo: entry.hf[1] for entry in table(projector_type)}
+
+
+#: LLaVA's ``mm_projector.bin`` (what ``--tune_mm_mlp_adapter`` stage 1 saves): ``model.mm_projector.<suffix>`` with
+#: NeMo-1's suffixes (``0.weight`` … ``2.bias`` for mlp2x_gelu; ``weight``/``bias`` for LLaVA's ``nn.Linear``).
+LLAVA_PROJECTOR = "mm_projector."
+
+
+def llava_suffix(entry: Entry) -> str:
+    """The part of a LLaVA ``mm_projector.bin`` key after ``mm_projector.`` for ``entry``."""
+    return entry.hf[0].removeprefix(NEMO_PREFIX)
+
+
+def full_shapes(projector_type: str, llm_hidden: int, vision_hidden: int) -> dict[str, tuple[int, ...]]:
+    """NeMo-1 name → full (TP=1) shape of every projector tensor: Linear(vision → LLM) [→ GELU → Linear(LLM → LLM)]."""
+    first = {"weight": (llm_hidden, vision_hidden), "bias": (llm_hidden,)}
+    if projector_type == "linear":
+        return {NEMO_PREFIX + k: v for k, v in first.items()}
+    second = {"weight": (llm_hidden, llm_hidden), "bias": (llm_hidden,)}
+    return {NEMO_PREFIX + f"{i}.{k}": v for i, part in ((0, first), (2, second)) for k, v in part.items()}

@@ -112,6 +112,12 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
     return model
 
 
-def freeze(model: Any, *, llm: bool, vision: bool) -> None:
-    """Stage settings: ``mm_cfg.llm.freeze`` and ``mm_cfg.vision_encoder.freeze``; the projector always trains."""
-    model.freeze(freeze_language_model=llm, freeze_vision_model=vision, freeze_vision_projection=False)
+def freeze(model: Any, *, llm: bool, vision: bool, projector: bool = False) -> None:
+    """Stage settings: ``mm_cfg.llm.freeze``, ``mm_cfg.vision_encoder.freeze`` and ``mm_cfg.freeze_mm_mlp_adapter``
+    (frozen parameters get ``requires_grad=False``, hence no gradient and no optimizer state); all three frozen is an
+    error: nothing would train."""
+    if llm and vision and projector:
+        raise NevaError("model.mm_cfg.llm.freeze, model.mm_cfg.vision_encoder.freeze and "
+                        "model.mm_cfg.freeze_mm_mlp_adapter are all true: nothing would train; unfreeze the part to "
+                        "train")  # fmt: skip
+    model.freeze(freeze_language_model=llm, freeze_vision_model=vision, freeze_vision_projection=projector)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +207,20 @@ def latest(root: str | Path) -> Path | None:
 def remove(directory: str | Path) -> None:
     """Delete a checkpoint directory."""
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def prune(root: str | Path, keep: int, protect: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete the oldest complete ``step=N`` checkpoints under ``root`` so the newest ``keep`` remain; return them.
+
+    ``keep < 0`` deletes nothing. A ``protect``ed directory (the one just written, the one the run resumed from) is
+    never deleted; incomplete directories (no ``metadata.json``: a save that did not finish) and other names are
+    left alone. Call on one rank, after every rank finished writing.
+    """
+    if keep < 0:
+        return []
+    kept = {Path(p).resolve() for p in protect}
+    found = [p for p in checkpoints(root) if p.name.startswith("step=") and p.name[5:].isdigit()]
+    doomed = [p for p in found[: max(0, len(found) - keep)] if p.resolve() not in kept]
+    for path in doomed:
+        remove(path)
+    return doomed

@@ -37,6 +37,9 @@ class TrainerSettings:
     seed: int = 1234
     progress: bool = True
     tf32: bool = True
+    initial_loss_scale: float = 2.0**32  # fp16 only: megatron-core's dynamic loss scaler (NeMo's native_amp_* keys)
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
 
 def world_size() -> int:
@@ -128,18 +131,32 @@ class PeriodicCheckpoint(pl.Callback):
     """Save a dist checkpoint every ``every_n_steps`` optimizer steps and at the end (``dirpath/step=N``).
 
     Saves only after the micro-batch that completed an optimizer step (never in the middle of gradient accumulation).
+    ``keep`` is ``exp_manager.save_top_k`` (LLaVA's ``--save_total_limit``): after each save is complete on every
+    rank, global rank 0 deletes the oldest ``step=N`` directories so that the newest ``keep`` remain (the one just
+    written always among them; ``protect``, the checkpoint the run resumed from, is never deleted); -1 keeps all;
+    0 writes none (the run cannot be resumed; its ``.nemo`` is still written at the end).
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
-        self.dirpath, self.every = Path(dirpath), every_n_steps
+    def __init__(self, dirpath: str | Path, every_n_steps: int, *, keep: int = -1,
+                 protect: str | Path | None = None) -> None:  # fmt: skip
+        self.dirpath, self.every, self.keep = Path(dirpath), every_n_steps, keep
+        self.protect = [Path(protect)] if protect is not None else []
         self._last = -1
         self._step_before = 0  # trainer.global_step when the current micro-batch started
 
     def _save(self, trainer: pl.Trainer) -> None:
+        from neva_tools.train import checkpoint as ckpt
+
         step = trainer.global_step
-        if step != self._last and step > 0:
-            trainer.save_checkpoint(self.dirpath / f"step={step}", weights_only=False)
+        if step != self._last and step > 0 and self.keep != 0:
+            path = self.dirpath / f"step={step}"
+            trainer.save_checkpoint(path, weights_only=False)
             self._last = step
+            if self.keep > 0:
+                trainer.strategy.barrier("neva_checkpoint_saved")  # every rank has written its part
+                if trainer.is_global_zero:
+                    for old in ckpt.prune(self.dirpath, self.keep, protect=[path, *self.protect]):
+                        logger.info("deleted checkpoint %s (exp_manager.save_top_k %d)", old, self.keep)
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
@@ -184,7 +201,9 @@ def make_trainer(
     log_dir = Path(log_dir)
     devices = max(1, world // settings.num_nodes)
     engine = EngineSettings(precision=settings.precision, clip_grad=float(settings.gradient_clip_val or 0.0),
-                            accumulate=accumulation(settings, world), tf32=settings.tf32)  # fmt: skip
+                            accumulate=accumulation(settings, world), tf32=settings.tf32,
+                            initial_loss_scale=settings.initial_loss_scale,
+                            loss_scale_window=settings.loss_scale_window, hysteresis=settings.hysteresis)  # fmt: skip
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
                                 seed=settings.seed, engine=engine)  # fmt: skip
     # the bar reads the logged loss from the device when it refreshes: as often as the metrics are logged

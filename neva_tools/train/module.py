@@ -157,7 +157,9 @@ class NevaModule(pl.LightningModule):
             return
         engine = getattr(self.trainer.strategy, "engine", None) or EngineSettings()
         self.optimizer = mo.build_optimizer(self.chunks, self.optim, name=self.optim.name, clip_grad=engine.clip_grad,
-                                            min_lr=self.sched.min_lr)  # fmt: skip
+                                            min_lr=self.sched.min_lr, initial_loss_scale=engine.initial_loss_scale,
+                                            loss_scale_window=engine.loss_scale_window,
+                                            hysteresis=engine.hysteresis)  # fmt: skip
         self.schedulers = mo.cosine_annealing(self.optimizer, max_steps=self.sched.max_steps, min_lr=self.sched.min_lr,
                                               warmup_steps=self.sched.warmup_steps,
                                               constant_steps=self.sched.constant_steps)  # fmt: skip

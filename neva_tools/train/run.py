@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.errors import NevaError
 from neva_tools.model.recompute import recompute_keys
+from neva_tools.train.paths import resume_checkpoint, run_directory
 from neva_tools.train.text import train_text
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,34 @@ def optim_settings(cfg: DictConfig, **parts: Any) -> Any:
                          overlap_param_gather=bool(o.overlap_param_gather), **parts)  # fmt: skip
 
 
+def llm_overrides(m: DictConfig) -> dict[str, float]:
+    """The LLM config values ``model.*`` sets over the ``.nemo``'s (NeMo's dropout keys; null keeps the .nemo's)."""
+    return {key: float(m[key]) for key in ("hidden_dropout", "attention_dropout") if m.get(key) is not None}
+
+
+def loss_scale_settings(m: DictConfig) -> dict[str, Any]:
+    """fp16's dynamic loss scaling from NeMo's keys (``TrainerSettings`` fields)."""
+    return {"initial_loss_scale": float(m.native_amp_init_scale),
+            "loss_scale_window": int(m.native_amp_growth_interval), "hysteresis": int(m.hysteresis)}  # fmt: skip
+
+
+def processes_per_node(cfg: DictConfig) -> int:
+    """The launcher's processes per node (LOCAL_WORLD_SIZE under torchrun, else world size / ``trainer.num_nodes``);
+    raises ``NevaError`` when the launcher's node count is not ``trainer.num_nodes``."""
+    import os
+
+    from neva_tools.model.parallel import launch_env
+
+    world, nodes = launch_env().world_size, int(cfg.trainer.num_nodes)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0)
+    if local and world // local != nodes:
+        raise NevaError(f"trainer.num_nodes is {nodes} but the launcher runs {world} processes, {local} per node "
+                        f"({world // local} nodes); set trainer.num_nodes={world // local}")  # fmt: skip
+    if world % max(1, nodes):
+        raise NevaError(f"trainer.num_nodes ({nodes}) does not divide the launcher's {world} processes")
+    return local or max(1, world // max(1, nodes))
+
+
 def _vision_source(vision: DictConfig) -> tuple[str, str | None]:
     """(source, pretrained) from ``vision_encoder.from_pretrained``: a directory, or ``name:checkpoint``."""
     source = vision.from_pretrained
@@ -130,7 +159,7 @@ def train(cfg: DictConfig) -> Path | None:
     from neva_tools.utils.atomic import NEMO_FILE, check_output_kind
 
     die_with_launcher()
-    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    run_dir = run_directory(cfg)
     check_output_kind(run_dir / f"{cfg.name}.nemo", NEMO_FILE)  # the final model's path: refuse before training
     with claim_run_dir(run_dir):
         if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
@@ -147,6 +176,7 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     from neva_tools.data.images import ImageProcessor
     from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
+    from neva_tools.model.added_vocab import plan_notes, vocab_plan
     from neva_tools.model.neva import freeze
     from neva_tools.model.vision import (
         read_clip_vision,
@@ -154,7 +184,6 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     )
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.tokenizer.text import TextTokenizer
-    from neva_tools.train import checkpoint as ckpt
     from neva_tools.train.fit import (
         PeriodicCheckpoint,
         TrainerSettings,
@@ -165,11 +194,12 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     )
     from neva_tools.train.module import NevaModule, ScheduleSettings
     from neva_tools.train.sampler import ResumableSampler
+    from neva_tools.train.steps import run_length
     from neva_tools.train.validate import advisories, check_config
 
     for note in advisories(cfg):
         logger.warning("%s", note)
-    problems = check_config(cfg, offline=False)  # PP, the LLM file, tokenizer vs vocabulary, image tokens vs length…
+    problems = check_config(cfg, offline=False, devices=processes_per_node(cfg))  # PP, the LLM, tokenizer, lengths…
     if problems:
         listed = "\n  ".join(problems)
         raise NevaError(f"the config has {len(problems)} problem(s); fix them (neva config validate lists them too):"
@@ -177,9 +207,10 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     m = cfg.model
     tp = int(m.tensor_model_parallel_size)
     llm_path = m.mm_cfg.llm.from_pretrained
-    run_dir = Path(cfg.exp_manager.exp_dir) / cfg.name
+    run_dir = run_directory(cfg)
     save_run_config(cfg, run_dir)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
+    llm_cfg = {**llm_cfg, **llm_overrides(m)}
     tokenizer = (
         Path(m.tokenizer.model) if m.tokenizer.model else neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
     )
@@ -192,34 +223,41 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio)
     dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
-                          image_tokens=image_tokens)  # fmt: skip
+                          image_tokens=image_tokens,
+                          im_start_end=bool(OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False)))  # fmt: skip
     if m.data.packing:
         dataset = PackedNevaDataset(dataset, int(m.data.max_seq_length))
         logger.info("packed %d samples into %d rows of %d tokens (%.0f%% full)", len(dataset.base), len(dataset),
                     dataset.plan.capacity, 100 * dataset.plan.fill_ratio)  # fmt: skip
+    length = run_length(cfg, len(dataset), what="packed rows" if m.data.packing else "samples")  # epochs, warmup
     projector = str(m.mm_cfg.mm_mlp_adapter_type)
     freeze_llm, freeze_vision = bool(m.mm_cfg.llm.freeze), bool(m.mm_cfg.vision_encoder.freeze)
+    freeze_projector = bool(OmegaConf.select(m, "mm_cfg.freeze_mm_mlp_adapter", default=False))
+    text_tokenizer = TextTokenizer(tokenizer)
+    plan = vocab_plan(llm_cfg, vocab, text_tokenizer.vocab_size, tp)  # added tokens take (or grow) padded rows
+    for note in plan_notes(plan, llm_frozen=freeze_llm):
+        logger.info("%s", note)
 
     def build() -> Any:
         adapter = m.mm_cfg.pretrain_mm_mlp_adapter
         model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
                                    projector_type=projector, projector_from=adapter,
-                                   recompute=recompute_keys(m))  # fmt: skip
-        mask_padded_vocab(model.language_model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
-        freeze(model, llm=freeze_llm, vision=freeze_vision)
+                                   recompute=recompute_keys(m), vocab_size=plan.vocab)  # fmt: skip
+        mask_padded_vocab(model.language_model.output_layer, plan.vocab)  # the model's vocabulary's loss, at any TP
+        freeze(model, llm=freeze_llm, vision=freeze_vision, projector=freeze_projector)
         return model
 
     settings = TrainerSettings(
-        max_steps=int(cfg.trainer.max_steps), tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
+        max_steps=length.max_steps, tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
         global_batch_size=int(m.global_batch_size),
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
-        tf32=bool(m.tf32),
+        tf32=bool(m.tf32), **loss_scale_settings(m),
     )  # fmt: skip
-    resume = ckpt.latest(run_dir / "checkpoints") if cfg.exp_manager.resume_if_exists else None
+    resume = resume_checkpoint(cfg, run_dir)
     consumed = consumed_samples(resume, settings.global_batch_size)
-    pad_id = TextTokenizer(tokenizer).pad_id
+    pad_id = text_tokenizer.pad_id
 
     def loader() -> DataLoader:
         sampler = ResumableSampler(len(dataset), dp_rank=parallel_state.get_data_parallel_rank(),
@@ -231,17 +269,19 @@ def _train_neva(cfg: DictConfig) -> Path | None:
 
     o = m.optim
     optim = optim_settings(cfg, projector_lr=o.mm_projector_lr, vision_lr=o.vision_tower_lr)
-    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=int(o.sched.warmup_steps),
+    sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=length.warmup_steps,
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
     module = NevaModule(build, optim, sched, loader=loader)
     vision_info = {"image_size": arch.image_size, "patch_size": arch.patch_size, "source": str(source)}
     trained_in = {"32": 32, "bf16": "bf16", "fp16": 16}[settings.precision]  # the dtype of the saved weights (NeMo)
+    # vocab_size: the model's vocabulary, added tokens included (what every reader of the .nemo loads)
     final_cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
-                 "vision": vision_info, "precision": trained_in}  # fmt: skip
+                 "vision": vision_info, "precision": trained_in, "vocab_size": plan.vocab}  # fmt: skip
     final = FinalNemo(run_dir / f"{cfg.name}.nemo", final_cfg, include_llm=not freeze_llm, projector=projector,
                       tokenizer=tokenizer)  # fmt: skip
     every = int(cfg.exp_manager.checkpoint_every_n_steps)
-    callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", every), final]
+    keep = int(OmegaConf.select(cfg, "exp_manager.save_top_k", default=-1))
+    callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", every, keep=keep, protect=resume), final]
     trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
     return fit(trainer, module, resume, consumed, final, run_dir / "logs")
 

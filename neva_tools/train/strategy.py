@@ -29,6 +29,9 @@ class EngineSettings:
     clip_grad: float = 1.0  # clip the global (tensor- and data-parallel) gradient L2 norm to this; 0 disables
     accumulate: int = 1  # micro-batches per optimizer step on each data-parallel rank
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions on Ampere and newer GPUs (model.tf32)
+    initial_loss_scale: float = 2.0**32  # fp16 only: the dynamic loss scale's start (model.native_amp_init_scale)
+    loss_scale_window: int = 1000  # fp16 only: steps without overflow before it grows (native_amp_growth_interval)
+    hysteresis: int = 2  # fp16 only: overflowing steps before it shrinks (model.hysteresis)
 
 
 def set_tf32(enabled: bool) -> None:

@@ -5,9 +5,10 @@ micro × data-parallel size), schedule, names of templates/projectors/precisions
 encoder when it is an open_clip model name (its config ships with open_clip). ``neva train`` runs every rule
 before it starts; :func:`advisories` lists valid but unusual settings (notes, not errors).
 With ``offline=False`` the referenced files are read too: the LLM ``.nemo`` (TP divides its heads, query
-groups and FFN; ``max_seq_length`` fits its ``encoder_seq_length``), the tokenizer (it fits the LLM's
-vocabulary and holds every template's special tokens and EOS), the vision encoder's config (TP divides its
-heads and FFN, ``vision_select_layer`` is in range, an image's tokens fit ``max_seq_length``), the stage-1
+groups and FFN; ``max_seq_length`` fits its ``encoder_seq_length``), the tokenizer (it holds every template's
+special tokens, EOS and, with ``mm_cfg.use_im_start_end``, ``<extra_id_4/5>``; tokens beyond the LLM's vocabulary
+get rows of their own), the vision encoder's config (TP divides its heads and FFN, ``vision_select_layer`` is in
+range, an image's tokens, with the two around it under ``use_im_start_end``, fit ``max_seq_length``), the stage-1
 projector (its sizes match both models) and the data (annotation files and image folders exist). Every
 problem names the key and the values involved. ``model.text_pretrain.enabled`` configs get the text rules
 of ``neva_tools.train.text_validate`` instead of the NeVA-only ones.
@@ -20,12 +21,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from neva_tools.config import derived
 from neva_tools.data.images import ASPECT_MODES
-from neva_tools.data.templates import TEMPLATE_NAMES
+from neva_tools.data.template_aliases import ALIASES
+from neva_tools.data.templates import TEMPLATE_NAMES, get_template
 from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
 from neva_tools.model.recompute import recompute_settings
 from neva_tools.train.run import engine_problems
+from neva_tools.train.steps import step_problems
 
 
 def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None = None) -> list[str]:
@@ -37,7 +41,8 @@ def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None =
     from neva_tools.train import validate_files as files
     from neva_tools.train.text_validate import text_problems
 
-    problems = _general(cfg, devices)
+    problems, devices = devices_problems(cfg, devices)
+    problems += _general(cfg, devices)
     if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
         problems += text_problems(cfg, offline=offline)
         llm = cfg.model.mm_cfg.llm.from_pretrained
@@ -56,8 +61,28 @@ def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None =
         problems += found + found_data + files.llm_problems(cfg, templates=files.templates_used(cfg, uses))
         problems += files.projector_problems(cfg, arch)
     if arch is not None:
-        problems += _vision_rules(cfg, arch)
+        problems += _vision_rules(cfg, arch) + derived.vision_problems(cfg, arch)
+    else:
+        problems += derived.from_hf_problems(cfg)
     return problems
+
+
+def devices_problems(cfg: DictConfig, devices: int | None) -> tuple[list[str], int | None]:
+    """(problems, processes per node): ``trainer.devices`` (NeMo's key; null/auto/-1: the launcher's) must agree
+    with ``devices`` (``--devices`` or the launcher's count) when both are known."""
+    value = OmegaConf.select(cfg, "trainer.devices", default=None)
+    if value is None or str(value).lower() == "auto" or value == -1:
+        return [], devices
+    try:
+        wanted = int(value)
+    except (TypeError, ValueError):
+        return [f"trainer.devices ({value}) must be a number of processes per node, auto or null"], devices
+    if wanted < 1:
+        return [f"trainer.devices ({value}) must be a positive number of processes per node, auto or null"], devices
+    if devices is not None and devices != wanted:
+        return [f"trainer.devices is {wanted} but the launcher runs {devices} processes per node (scripts/train.sh "
+                f"{devices} / --devices {devices}); make them agree or set trainer.devices=null"], devices  # fmt: skip
+    return [], wanted
 
 
 def _general(cfg: DictConfig, devices: int | None) -> list[str]:
@@ -86,10 +111,8 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
     if pp != 1:
         problems.append(f"model.pipeline_model_parallel_size ({pp}) must be 1: NeVA training supports TP only")
     problems += engine_problems(cfg)  # precision (with megatron_amp_O2), optim.name, overlap options
-    steps, sched = int(cfg.trainer.max_steps), m.optim.sched
-    if int(sched.warmup_steps) + int(sched.constant_steps) > steps:
-        problems.append(f"model.optim.sched warmup_steps ({sched.warmup_steps}) + constant_steps "
-                        f"({sched.constant_steps}) exceed trainer.max_steps ({steps})")  # fmt: skip
+    sched = m.optim.sched
+    problems += step_problems(cfg)  # max_steps / max_epochs, warmup_steps / warmup_ratio
     try:  # values only: the layer count is checked against the model when it is built
         recompute_settings(m, num_layers=1 << 30)
     except NevaError as exc:
@@ -102,8 +125,20 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
 def _neva(cfg: DictConfig) -> list[str]:
     """Names of templates, projector and aspect mode."""
     m, problems = cfg.model, []
-    if str(m.data.conv_template) not in TEMPLATE_NAMES:
-        problems.append(f"model.data.conv_template ({m.data.conv_template}) is not one of {', '.join(TEMPLATE_NAMES)}")
+    name = str(m.data.conv_template)  # ${model.mm_cfg.llm.model_type} unless set
+    try:
+        get_template(name)  # ours or another project's name for one of ours (LLaVA's --version, NeMo's)
+    except NevaError as exc:
+        if "unknown conversation template" in str(exc):
+            problems.append(f"model.data.conv_template ({name}) is not one of {', '.join(TEMPLATE_NAMES)} nor "
+                            f"LLaVA's/NeMo's names for them ({', '.join(ALIASES)})")  # fmt: skip
+        else:
+            problems.append(f"model.data.conv_template: {exc}")
+    mm = m.mm_cfg
+    if mm.llm.freeze and mm.vision_encoder.freeze and OmegaConf.select(mm, "freeze_mm_mlp_adapter", default=False):
+        problems.append("model.mm_cfg.llm.freeze, model.mm_cfg.vision_encoder.freeze and "
+                        "model.mm_cfg.freeze_mm_mlp_adapter are all true: nothing would train; unfreeze the part to "
+                        "train (stage 1: freeze_mm_mlp_adapter=false; stage 2: also llm.freeze=false)")  # fmt: skip
     if str(m.mm_cfg.mm_mlp_adapter_type) not in PROJECTOR_TYPES:
         problems.append(f"model.mm_cfg.mm_mlp_adapter_type ({m.mm_cfg.mm_mlp_adapter_type}) is not one of "
                         f"{', '.join(PROJECTOR_TYPES)}")  # fmt: skip
@@ -142,7 +177,9 @@ def _vision_rules(cfg: DictConfig, arch: Any) -> list[str]:
     except NevaError as exc:
         problems.append(f"model.mm_cfg.vision_encoder.vision_select_layer: {exc}")
     seq = int(m.data.max_seq_length)
-    if arch.num_patches >= seq:
-        problems.append(f"an image becomes {arch.num_patches} tokens ((image_size {arch.image_size} / patch "
-                        f"{arch.patch_size})²), not less than model.data.max_seq_length ({seq})")  # fmt: skip
+    wrapped = 2 if OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False) else 0  # <extra_id_4/5> around it
+    if arch.num_patches + wrapped >= seq:
+        extra = " + 2 (model.mm_cfg.use_im_start_end)" if wrapped else ""
+        problems.append(f"an image becomes {arch.num_patches + wrapped} tokens ((image_size {arch.image_size} / patch "
+                        f"{arch.patch_size})²{extra}), not less than model.data.max_seq_length ({seq})")  # fmt: skip
     return problems

@@ -18,11 +18,11 @@ from neva_tools.convert.nemo_to_hf import convert_nemo_to_hf
 from neva_tools.data import synthetic
 from neva_tools.mappings.projector import NEMO_PREFIX
 from neva_tools.tokenizer.train import train_sentencepiece
-from neva_tools.train.config import load_config
+from neva_tools.config.load import load_config
 
 
 def train_job(rank: int, world_size: int, overrides: list[str]) -> str | None:
-    from neva_tools.train.config import load_config
+    from neva_tools.config.load import load_config
     from neva_tools.train.run import train
 
     out = train(load_config(None, overrides))
