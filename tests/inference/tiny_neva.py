@@ -12,8 +12,8 @@ LLM_CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidd
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
 
 
-def build_assets(root: Path) -> dict[str, Any]:
-    """Data, tokenizer, LLM ``.nemo`` and CLIP directory under ``root``."""
+def build_assets(root: Path, *, max_position_embeddings: int = 512, train: int = 24) -> dict[str, Any]:
+    """Data (``train`` image-caption/question records), tokenizer, LLM ``.nemo`` and CLIP directory under ``root``."""
     import transformers
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -21,9 +21,9 @@ def build_assets(root: Path) -> dict[str, Any]:
     from neva_tools.data import synthetic
     from neva_tools.tokenizer.train import train_sentencepiece
 
-    data = synthetic.make_dataset(root / "data", train=24, heldout=2, size=28)
+    data = synthetic.make_dataset(root / "data", train=train, heldout=2, size=28)
     tok = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
-    config = transformers.LlamaConfig(**LLM_CONFIG)
+    config = transformers.LlamaConfig(**{**LLM_CONFIG, "max_position_embeddings": max_position_embeddings})
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(str(root / "llm_hf"))

@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
+from tiny_neva import build_assets
+
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.mappings.projector import NEMO_PREFIX
 
@@ -24,28 +27,8 @@ LLM_LAYER = "model.decoder.layers.1.mlp.linear_fc2.weight"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import transformers
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
-    from neva_tools.data import synthetic
-    from neva_tools.tokenizer.train import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("llava_models")
-    data = synthetic.make_dataset(root / "data", train=16, heldout=2, size=32)
-    tok = train_sentencepiece(synthetic.corpus(), root / "tok.model", vocab_size=320)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=8192)  # fmt: skip  # the seed's --model_max_length
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "llm_hf"))
-    (root / "llm_hf" / "tokenizer.model").write_bytes(tok.read_bytes())
-    convert_hf_to_nemo(str(root / "llm_hf"), root / "llm.nemo")
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=28, patch_size=7)  # fmt: skip
-    CLIPVisionModel(vision).save_pretrained(str(root / "clip"))
-    return {"root": root, "data": data, "llm": root / "llm.nemo", "clip": root / "clip"}
+    # the seed's --model_max_length 8192 needs as many positions
+    return build_assets(tmp_path_factory.mktemp("llava_models"), max_position_embeddings=8192, train=16)
 
 
 def _run(cwd: Path, *flags: str) -> subprocess.CompletedProcess[str]:

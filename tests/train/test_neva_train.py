@@ -13,12 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from dist_helpers import run_distributed
 
 from neva_tools.checkpoint.nemo_archive import NemoArchive
+from neva_tools.config.load import load_config
 from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
 from neva_tools.convert.nemo_to_hf import convert_nemo_to_hf
 from neva_tools.data import synthetic
 from neva_tools.mappings.projector import NEMO_PREFIX
 from neva_tools.tokenizer.train import train_sentencepiece
-from neva_tools.config.load import load_config
 
 
 def train_job(rank: int, world_size: int, overrides: list[str]) -> str | None:

@@ -22,8 +22,8 @@ from neva_tools.tokenizer.train import train_sentencepiece
 
 def train_job(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any]:
     """``neva train`` with ``overrides``; also what the run's vision encoder and image processor were."""
-    from neva_tools.data.images import ImageProcessor
     from neva_tools.config.load import load_config
+    from neva_tools.data.images import ImageProcessor
     from neva_tools.train.run import train
 
     seen: dict[str, Any] = {}

@@ -31,8 +31,8 @@ class StopAt(pl.Callback):
 
 def _train(assets: dict[str, str], name: str, extra: list[str] = (), stop_at: int | None = None) -> dict[str, Any]:
     """One ``neva train`` of the tiny text recipe in this process; rank 0's losses, validation losses and .nemo."""
-    from neva_tools.train import fit
     from neva_tools.config.load import load_config
+    from neva_tools.train import fit
     from neva_tools.train.run import train
 
     overrides = [f"name={name}", f"exp_manager.exp_dir={assets['runs']}",
@@ -138,8 +138,8 @@ def test_final_nemo_converts_to_hf_with_the_same_logits(tp1: dict[str, Any], tmp
 
 
 def test_config_problems_stop_the_run_before_it_starts(assets: dict[str, str], tmp_path: Path) -> None:
-    from neva_tools.errors import NevaError
     from neva_tools.config.load import load_config
+    from neva_tools.errors import NevaError
     from neva_tools.train.run import train
 
     blend = f"model.text_pretrain.data_path=0.5 {assets['prefix']} 0.5 {tmp_path}/code"
