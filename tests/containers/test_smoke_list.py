@@ -30,5 +30,5 @@ def test_every_entry_names_an_existing_test() -> None:
 def test_covers_the_demo_and_each_tool() -> None:
     text = " ".join(_entries())
     assert "tests/test_demo.py" in text
-    for needle in ("tokenizer", "convert/", "repartition", "data_cli", "test_config", "train/", "test_main"):
+    for needle in ("tokenizer", "convert/", "repartition", "data_cli", "config/test_load", "train/", "test_main"):
         assert needle in text, needle
