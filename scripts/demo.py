@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from neva_tools.demo import run
+from neva_tools.utils.log import setup_logging
 
 
 def main() -> int:
@@ -24,6 +25,7 @@ def main() -> int:
     parser.add_argument("--stage2-steps", type=int, default=700)
     parser.add_argument("--image-size", type=int, default=64)
     args = parser.parse_args()
+    setup_logging()  # the neva commands' logging policy for the steps run in this process (the evaluation)
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = run(out, train=args.train_images, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,

@@ -13,6 +13,7 @@ if [[ "$mode" == "slurm" ]]; then
   export MASTER_PORT="${MASTER_PORT:-29500}"
   exec srun --kill-on-bad-exit=1 "$python" -m neva_tools train "$@"
 fi
-# torchrun starts each rank in its own session: the ranks watch this pid (torchrun's, after exec) and die with it
+# torchrun starts each rank in its own session: the ranks watch this pid (torchrun's, after exec) and die with it.
+# neva_tools.utils.launch is torchrun (same arguments) ending a failed job with the rank's error, not a traceback.
 export NEVA_LAUNCHER_PID=$$
-exec "$python" -m torch.distributed.run --standalone --nproc_per_node="$mode" -m neva_tools train "$@"
+exec "$python" -m neva_tools.utils.launch --standalone --nproc_per_node="$mode" -m neva_tools train "$@"

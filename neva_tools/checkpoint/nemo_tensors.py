@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from neva_tools.checkpoint import dist
+from neva_tools.checkpoint import dist, nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.parts import Stored
@@ -60,6 +60,8 @@ class NemoTensors:
     def __init__(self, archive: NemoArchive, arch: LlamaArch) -> None:
         self.archive, self.arch = archive, arch
         self.entries: dict[str, Split] = {name: split for name, _, split in arch.entries()}
+        cfg = model_config(archive)
+        self.entries.update(nemo_vision.stored_splits(cfg, str(archive.path)))  # a trained vision tower, TP-split
         self.legacy_names = False
         self._full: dict[str, torch.Tensor] | None = None
         self._where: dict[str, list[tuple[Any, str]]] = {}
@@ -68,6 +70,11 @@ class NemoTensors:
             found = set(self._full)
         else:
             found = self._index_legacy()
+        llm = [name for name, _, _ in arch.entries()]
+        self.has_llm = bool(found & set(llm))
+        if not self.has_llm and isinstance(cfg.get("mm_cfg"), dict):  # a NeVA file of a frozen LLM stores none
+            for name in llm:
+                del self.entries[name]
         for name in sorted(found - set(self.entries)):
             if name.startswith(NEVA_REPLICATED_PREFIXES):
                 self.entries[name] = Split.REPLICATED

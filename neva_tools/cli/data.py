@@ -13,6 +13,7 @@ from neva_tools.data.mixture import FORMAT_HELP
 from neva_tools.errors import NevaError
 
 if TYPE_CHECKING:
+    from neva_tools.data.anyres import ImageLayout
     from neva_tools.data.mmap import PreprocessSummary, TokenCount
 
 
@@ -69,12 +70,39 @@ def _tokenization_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--image-tokens", type=positive_int, help="embeddings per image (default: from image/patch size)")
     p.add_argument("--image-size", type=positive_int, default=336, help="vision encoder input size (default 336)")
     p.add_argument("--patch-size", type=positive_int, default=14, help="vision encoder patch size (default 14)")
+    p.add_argument("--image-aspect-ratio", default="pad",
+                   help="model.data.image_aspect_ratio: pad, square, anyres or anyres_max_N (default pad)")  # fmt: skip
+    p.add_argument("--image-grid-pinpoints",
+                   help="model.data.image_grid_pinpoints for anyres: \"(1x1),...,(3x3)\" or \"[[336,672],...]\" "
+                   "([height, width] px)")  # fmt: skip
+    p.add_argument("--mm-patch-merge-type", default="flat",
+                   help="model.mm_cfg.mm_patch_merge_type: flat, spatial or spatial_unpad (default flat)")  # fmt: skip
 
 
 def _image_tokens(args: argparse.Namespace) -> int:
     from neva_tools.data.images import image_token_count
 
     return args.image_tokens or image_token_count(args.image_size, args.patch_size)
+
+
+def _layout(args: argparse.Namespace) -> ImageLayout | None:
+    """The image layout the flags describe (each image's embeddings as training counts them); None with
+    ``--image-tokens`` (a fixed count per image)."""
+    import yaml
+
+    from neva_tools.data.anyres import ImageLayout
+
+    pinpoints = args.image_grid_pinpoints
+    if pinpoints is not None and pinpoints.strip().startswith("[["):
+        pinpoints = yaml.safe_load(pinpoints)
+    data = {"image_aspect_ratio": args.image_aspect_ratio, "image_grid_pinpoints": pinpoints}
+    layout = ImageLayout.from_config(data, {"mm_patch_merge_type": args.mm_patch_merge_type}, args.image_size,
+                                     args.patch_size)  # fmt: skip
+    plain = not layout.tiled and layout.merge == "flat"
+    if args.image_tokens and not plain:
+        raise NevaError(f"--image-tokens fixes every image's embeddings; --image-aspect-ratio {layout.aspect} with "
+                        f"--mm-patch-merge-type {layout.merge} counts them per image: drop --image-tokens")  # fmt: skip
+    return None if args.image_tokens else layout
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -88,6 +116,7 @@ def run_validate(args: argparse.Namespace) -> int:
         max_seq_length=args.max_seq_length,
         image_tokens=_image_tokens(args),
         decode_images=not args.no_decode,
+        layout=_layout(args),
     )
     report = validate(args.annotations, settings, workers=args.workers)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
@@ -107,7 +136,10 @@ def run_pack(args: argparse.Namespace) -> int:
         check_output_path(Path(args.output), args.overwrite, PACK_PLAN)
     folder = Path(args.image_folder) if args.image_folder else None
     use = DatasetUse(DatasetSpec("dataset", Path(args.annotations), folder, args.template))
-    ds = NevaDataset([use], args.tokenizer, ImageProcessor(args.image_size), image_tokens=_image_tokens(args))
+    layout = _layout(args)
+    aspect = layout.aspect if layout is not None else "pad"
+    ds = NevaDataset([use], args.tokenizer, ImageProcessor(args.image_size, aspect, layout=layout),
+                     image_tokens=_image_tokens(args))  # fmt: skip
     lengths = [ds.length(i) for i in progress(range(len(ds)), desc="tokenize", unit="record")]
     names = [item.record.where() for item in ds.items]
     plan = first_fit_decreasing(lengths, args.max_seq_length, truncate=args.truncate, names=names)

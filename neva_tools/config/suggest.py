@@ -97,7 +97,8 @@ ALIASES: dict[str, str] = {
     "deepspeed": "model.optim.name (distributed_fused_adam shards optimizer state like ZeRO)",
     "zero_stage": "model.optim.name (distributed_fused_adam)",
     "use_distributed_optimizer": "model.optim.name (distributed_fused_adam)",
-    "group_by_modality_length": "model.data.packing",
+    "group_by_modality_length": "model.data.group_by_modality_length",
+    "mm_use_im_start_end": "model.mm_cfg.use_im_start_end with model.mm_cfg.im_start_end_tokens=[<im_start>,<im_end>]",
     "packing": "model.data.packing",
     "pack_sequences": "model.data.packing",
 }

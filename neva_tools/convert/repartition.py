@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from neva_tools.checkpoint import nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, artifact_name, weights_member
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
@@ -80,7 +81,7 @@ def legacy_jobs(tensors: NemoTensors, tp: int, pp: int, legacy: bool) -> list[Jo
 
     for name in tensors.names():
         jobs.append(job(name, stage_of(name, per_stage, pp), name))
-    if pp > 1 and arch.tied:  # megatron-core keeps a copy of the tied embedding as the last stage's output layer
+    if pp > 1 and arch.tied and tensors.has_llm:  # megatron-core keeps the tied embedding as the last stage's output
         jobs.append(job("model.embedding.word_embeddings.weight", pp - 1, "model.output_layer.weight"))
     return jobs
 
@@ -142,6 +143,9 @@ def repartition(
         if legacy_names and fmt == "dist":
             raise NevaError(f"{source} uses legacy NeMo names; dist checkpoints need megatron-core names: "
                             "add --to-mcore-names")  # fmt: skip
+        if fmt == "dist" and any(name.startswith(nemo_vision.PREFIX) for name in tensors.names()):
+            raise NevaError(f"{source} stores a trained vision tower (model.vision_model.*), which only the legacy "
+                            "layout holds (NeVA readers take legacy files): use --format legacy")  # fmt: skip
         divisible = int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
         padded = padded_vocab_size(arch.vocab_size, tp, divisible)
         config = new_config(archive.read_config(), cfg, tp, pp, arch.vocab_size, mcore=not legacy_names)

@@ -2,11 +2,15 @@
 
 Each item is one record rendered with its conversation template: ``input_ids`` with one
 ``IMAGE_TOKEN_INDEX`` per image (between ``<extra_id_4>`` and ``<extra_id_5>`` with ``im_start_end``, NeMo's
-``mm_cfg.use_im_start_end``), ``labels`` shifted left within the sample (``labels[t]`` is the target
-of position ``t``), and the sample's images as normalised tensors. Images are decoded lazily in
+``mm_cfg.use_im_start_end``, or between the two tokens ``im_start_end`` names, ``mm_cfg.im_start_end_tokens``),
+``labels`` shifted left within the sample (``labels[t]`` is the target of position ``t``), and the sample's images
+as normalised tensors: every image's views (one, or with ``anyres`` the base view and the tiles), how many each image
+has (``num_image_tiles``), its size and the embeddings it becomes (``image_tokens``,
+:func:`neva_tools.data.anyres.sample_image_tokens`, what every length check counts). Images are decoded lazily in
 ``__getitem__``, and the tokenizer is loaded once per worker, so ``num_workers > 0`` works.
 ``PackedNevaDataset`` packs samples (first-fit-decreasing on lengths after image expansion) so that
-one item is one packed sequence with per-sample positions and boundaries.
+one item is one packed sequence with per-sample positions and boundaries. ``NevaDataset.modality_lengths`` gives
+each record's modality and word count without reading images (``train.sampler.ModalityGroupedSampler``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from neva_tools.data.images import ImageProcessor
+from neva_tools.data.images import ImageBatch, ImageProcessor
 from neva_tools.data.packing import first_fit_decreasing, pack_sequences
 from neva_tools.data.records import Record, load_annotations, resolve_media
 from neva_tools.data.registry import DatasetUse, sample_indices
@@ -66,7 +70,7 @@ class NevaDataset(Dataset):
         seed: int = 1234,
         max_seq_length: int | None = None,
         image_tokens: int = 576,
-        im_start_end: bool = False,
+        im_start_end: bool | tuple[str, str] = False,
     ) -> None:
         self.items = load_items(uses, template, seed)
         self.im_start_end = im_start_end
@@ -99,28 +103,51 @@ class NevaDataset(Dataset):
                                     im_start_end=self.im_start_end)  # fmt: skip
         if tok.num_images != len(item.record.images):
             raise NevaError(f"{where}: {tok.num_images} <image> placeholders but {len(item.record.images)} images")
-        if self.max_seq_length is not None and tok.expanded_length(self.image_tokens) > self.max_seq_length:
-            raise NevaError(f"{where}: {tok.expanded_length(self.image_tokens)} tokens after image expansion, "
-                            f"more than max_seq_length {self.max_seq_length}")  # fmt: skip
+        if self.max_seq_length is not None:
+            length = tok.expanded_length(self.image_token_counts(index))
+            if length > self.max_seq_length:
+                raise NevaError(f"{where}: {length} tokens after image expansion, more than max_seq_length "
+                                f"{self.max_seq_length}")  # fmt: skip
         ids = torch.tensor(tok.input_ids, dtype=torch.long)
         labels = torch.tensor(tok.labels, dtype=torch.long)
         return ids[:-1], labels[1:], tok.num_images
 
+    def modality_lengths(self) -> tuple[list[bool], list[int]]:
+        """(has images, length) of every item from its record alone, no image or tokenizer read: LLaVA's
+        ``modality_lengths``, the words (whitespace-separated) of all turns, at least 1 (what
+        ``model.data.group_by_modality_length`` groups by)."""
+        images = [bool(item.record.images) for item in self.items]
+        lengths = [max(1, sum(len(turn.text.split()) for turn in item.record.turns())) for item in self.items]
+        return images, lengths
+
+    def image_token_counts(self, index: int) -> list[int]:
+        """Embeddings each image of item ``index`` becomes: the processor's layout counts them (reading the image
+        sizes when they are tiled), else ``image_tokens`` each."""
+        item = self.items[index]
+        if self.image_processor.layout is None:
+            return [self.image_tokens] * len(item.record.images)
+        return self.image_processor.token_counts([resolve_media(p, item.image_folder) for p in item.record.images])
+
     def length(self, index: int) -> int:
         """Tokens of item ``index`` after shifting and image expansion (what packing counts)."""
         ids, _, images = self.tokenize(index)
-        return len(ids) + images * (self.image_tokens - 1)
+        return len(ids) + sum(self.image_token_counts(index)) - images
+
+    def image_batch(self, index: int) -> ImageBatch:
+        """The item's images processed for the model (``anyres``: a single image is tiled)."""
+        item = self.items[index]
+        return self.image_processor.batch([resolve_media(p, item.image_folder) for p in item.record.images])
 
     def images(self, index: int) -> torch.Tensor:
-        """The item's images as ``[n, 3, H, W]`` (``n`` may be 0)."""
-        item = self.items[index]
-        tensors = [self.image_processor(resolve_media(p, item.image_folder)) for p in item.record.images]
-        size = self.image_processor.image_size
-        return torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+        """The item's image views as ``[tiles, 3, H, W]`` (one per image unless tiled; may be empty)."""
+        return self.image_batch(index).pixels
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ids, labels, _ = self.tokenize(index)
-        return {"input_ids": ids, "labels": labels, "images": self.images(index), "id": self.items[index].record.id}
+        batch = self.image_batch(index)
+        if batch.tokens is None:
+            batch.tokens = torch.full((len(batch),), self.image_tokens, dtype=torch.long)
+        return {"input_ids": ids, "labels": labels, **batch.fields(), "id": self.items[index].record.id}
 
 
 class PackedNevaDataset(Dataset):
@@ -139,22 +166,26 @@ class PackedNevaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         members = self.plan.bins[index]
-        parts = [self.base.tokenize(i)[:2] for i in members]
-        packed = pack_sequences(parts)
-        images = [self.base.images(i) for i in members]
+        items = [self.base[i] for i in members]
+        packed = pack_sequences([(item["input_ids"], item["labels"]) for item in items])
         return {
             "input_ids": packed.input_ids,
             "labels": packed.labels,
             "position_ids": packed.position_ids,
             "cu_seqlens": packed.cu_seqlens,
-            "images": torch.cat(images) if images else torch.empty(0),
-            "id": ",".join(str(self.base.items[i].record.id) for i in members),
+            **{key: torch.cat([item[key] for item in items]) for key in IMAGE_KEYS},
+            "id": ",".join(str(item["id"]) for item in items),
         }
+
+
+#: The per-image batch keys (``ImageBatch.fields``): views, tiles per image, sizes, embeddings per image.
+IMAGE_KEYS = ("images", "num_image_tiles", "image_sizes", "image_tokens")
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     """Pad to the longest sample: ``input_ids`` with ``pad_id``, ``labels`` with -100; ``loss_mask`` marks
-    supervised positions; images of all samples are concatenated with one tile each."""
+    supervised positions; the image keys of all samples are concatenated (an item with ``images`` only has one
+    view per image; ``image_tokens`` is kept when every item with images has it)."""
     longest = max(len(b["input_ids"]) for b in batch)
     n = len(batch)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
@@ -166,18 +197,28 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
         labels[row, :k] = b["labels"]
         if "position_ids" in b:
             position_ids[row, :k] = b["position_ids"]
-    images = [b["images"] for b in batch if len(b["images"])]
-    images_t = torch.cat(images) if images else torch.tensor([])
+    with_images = [b for b in batch if len(b["images"])]
+    images_t = torch.cat([b["images"] for b in with_images]) if with_images else torch.tensor([])
+    tiles = [b.get("num_image_tiles", torch.ones(len(b["images"]), dtype=torch.int)) for b in with_images]
+    tiles_t = torch.cat(tiles).int() if tiles else torch.ones(0, dtype=torch.int)
+    sizes = [b.get("image_sizes", torch.zeros(len(t), 2, dtype=torch.long))
+             for b, t in zip(with_images, tiles, strict=True)]  # fmt: skip
     num_images = int((input_ids == IMAGE_TOKEN_INDEX).sum())
-    if num_images != len(images_t):
-        raise NevaError(f"batch {[b['id'] for b in batch]}: {num_images} image tokens but {len(images_t)} images")
-    return {
+    if num_images != len(tiles_t) or int(tiles_t.sum()) != len(images_t):
+        raise NevaError(f"batch {[b['id'] for b in batch]}: {num_images} image tokens but {len(tiles_t)} images "
+                        f"({len(images_t)} views for {int(tiles_t.sum())} tiles)")  # fmt: skip
+    out = {
         "input_ids": input_ids,
         "labels": labels,
         "loss_mask": (labels != IGNORE_INDEX).float(),
         "position_ids": position_ids,
         "images": images_t,
-        "num_image_tiles": torch.ones(len(images_t), dtype=torch.int),
+        "num_image_tiles": tiles_t,
+        "image_sizes": torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.long),
         "cu_seqlens": [b.get("cu_seqlens") for b in batch],
         "ids": [b["id"] for b in batch],
     }
+    if all("image_tokens" in b for b in with_images):
+        counts = [b["image_tokens"] for b in with_images]
+        out["image_tokens"] = torch.cat(counts).long() if counts else torch.zeros(0, dtype=torch.long)
+    return out

@@ -111,11 +111,13 @@ def pack_sequences(samples: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Pack
 
 
 def packed_attention_mask(input_ids: torch.Tensor, cu_seqlens: Sequence[torch.Tensor | None],
-                          image_tokens: int = 1, image_token_index: int | None = None) -> torch.Tensor:  # fmt: skip
+                          image_tokens: int | torch.Tensor = 1,
+                          image_token_index: int | None = None) -> torch.Tensor:  # fmt: skip
     """Block-diagonal causal mask ``[b, 1, S, S]`` (True = masked, megatron's convention) for packed rows.
 
     ``input_ids`` ``[b, s]`` hold one ``image_token_index`` per image, which ``LLaVAModel`` expands to
-    ``image_tokens`` embeddings; the mask is built in that expanded space (``S`` = the longest expanded row), so
+    ``image_tokens`` embeddings (one count for all, or each image's in row-major order, as the batch's
+    ``image_tokens``); the mask is built in that expanded space (``S`` = the longest expanded row), so
     each sample attends only to itself. ``cu_seqlens[r]`` gives row ``r``'s sample starts and total in text
     tokens (``None``: the row is one sample). Padding after the samples forms a segment of its own, so no query
     row is fully masked (fused attention kernels return NaN for those).
@@ -126,7 +128,11 @@ def packed_attention_mask(input_ids: torch.Tensor, cu_seqlens: Sequence[torch.Te
     device = input_ids.device
     widths = torch.ones_like(input_ids)
     if image_token_index is not None:
-        widths = torch.where(input_ids == image_token_index, image_tokens, widths)
+        is_image = input_ids == image_token_index
+        if isinstance(image_tokens, torch.Tensor):
+            widths[is_image] = image_tokens.to(device=device, dtype=widths.dtype)
+        else:
+            widths = torch.where(is_image, image_tokens, widths)
     ends = widths.cumsum(1)  # [b, s]: expanded end of each text position
     total = int(ends[:, -1].max())  # the one host synchronisation: the mask's size
     text = torch.arange(s, device=device)

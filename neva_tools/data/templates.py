@@ -9,7 +9,8 @@ Tokenization builds ids and labels together, piece by piece, so labels cannot be
 (the "tokenization mismatch" of LLaVA issues 661/1166/1710 cannot happen). Special tokens are inserted
 by id, never by encoding their text; each ``<image>`` of a user message becomes one
 ``IMAGE_TOKEN_INDEX`` (the model expands it to the image's embeddings), with ``im_start_end`` (NeMo's
-``mm_cfg.use_im_start_end``) between the ids of ``<extra_id_4>`` and ``<extra_id_5>``. Supervised: the ``answer``
+``mm_cfg.use_im_start_end``) between the ids of two tokens: NeMo's ``<extra_id_4>`` and ``<extra_id_5>``, or those of
+``mm_cfg.im_start_end_tokens`` (LLaVA-1's ``<im_start>``/``<im_end>``, :func:`image_wrap`). Supervised: the ``answer``
 format (the assistant message and the literal text around it) and the ``end`` token; everything else
 is ``IGNORE_INDEX``.
 
@@ -27,10 +28,13 @@ matching whole-string tokenization. With a dummy prefix, a segment that starts w
 from __future__ import annotations
 
 import re
+import shlex
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
+from typing import Any
 
 from neva_tools.data.records import IMAGE_PLACEHOLDER, Turn
 from neva_tools.errors import NevaError
@@ -39,6 +43,8 @@ from neva_tools.tokenizer.text import TextTokenizer
 IMAGE_TOKEN_INDEX = -200  # megatron-core LLaVAModel's image placeholder id; one per image, expanded by the model
 IGNORE_INDEX = -100
 IM_START_TOKEN, IM_END_TOKEN = "<extra_id_4>", "<extra_id_5>"  # NeMo's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
+NEMO_IM_TOKENS = (IM_START_TOKEN, IM_END_TOKEN)  # model.mm_cfg.im_start_end_tokens' default
+LLAVA_IM_TOKENS = ("<im_start>", "<im_end>")  # LLaVA-1's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
 BOS, EOS = "<s>", "</s>"  # in format strings: the tokenizer's BOS / EOS
 
 _LLAVA_SYSTEM = (
@@ -170,9 +176,14 @@ class Tokenized:
     labels: list[int]
     num_images: int
 
-    def expanded_length(self, image_tokens: int) -> int:
-        """The sequence length once the model replaces each image id by ``image_tokens`` embeddings."""
-        return len(self.input_ids) + self.num_images * (image_tokens - 1)
+    def expanded_length(self, image_tokens: int | Sequence[int]) -> int:
+        """The sequence length once the model replaces each image id by ``image_tokens`` embeddings (one count for
+        every image, or each image's count: ``neva_tools.data.anyres.sample_image_tokens``)."""
+        if isinstance(image_tokens, int):
+            return len(self.input_ids) + self.num_images * (image_tokens - 1)
+        if len(image_tokens) != self.num_images:
+            raise NevaError(f"{len(image_tokens)} image token counts for {self.num_images} images")
+        return len(self.input_ids) + sum(image_tokens) - self.num_images
 
 
 @dataclass(frozen=True)
@@ -310,15 +321,46 @@ def _special_ids(tpl: Template, tokenizer: TextTokenizer) -> dict[str, int | Non
     return ids
 
 
-def image_wrap_ids(tokenizer: TextTokenizer) -> tuple[int, int]:
-    """The ids of :data:`IM_START_TOKEN` and :data:`IM_END_TOKEN` (``use_im_start_end``); missing ones are an error."""
-    start, end = tokenizer.token_id(IM_START_TOKEN), tokenizer.token_id(IM_END_TOKEN)
+def wrap_tokens(im_start_end: bool | Sequence[str]) -> tuple[str, str] | None:
+    """The two tokens around each image for an ``im_start_end`` argument: none (false), NeMo's (true) or the two
+    tokens given."""
+    if isinstance(im_start_end, bool):
+        return NEMO_IM_TOKENS if im_start_end else None
+    start, end = im_start_end
+    return str(start), str(end)
+
+
+def image_wrap(mm_cfg: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """The two tokens a model config's ``mm_cfg`` wraps each image in: ``im_start_end_tokens`` (NeMo's when unset) if
+    ``use_im_start_end``, else None. A value that is not two distinct tokens is an error naming it."""
+    if not mm_cfg or not mm_cfg.get("use_im_start_end"):
+        return None
+    tokens = mm_cfg.get("im_start_end_tokens")
+    if tokens is None:
+        return NEMO_IM_TOKENS
+    pair = [] if isinstance(tokens, str) else list(tokens)
+    if len(pair) != 2 or not all(isinstance(t, str) and t for t in pair) or pair[0] == pair[1]:
+        raise NevaError(f"model.mm_cfg.im_start_end_tokens ({tokens}) must be two distinct tokens, the start and the "
+                        f"end of an image: [{IM_START_TOKEN}, {IM_END_TOKEN}] (NeMo's) or "
+                        f"[{', '.join(LLAVA_IM_TOKENS)}] (LLaVA-1's)")  # fmt: skip
+    return pair[0], pair[1]
+
+
+def add_wrap_tokens_command(tokenizer: str | Path, output: str | Path, tokens: tuple[str, str]) -> str:
+    """The ``neva tokenizer add-tokens`` command that adds ``tokens`` (NeMo's: the ``neva`` preset they belong to)."""
+    what = "--preset neva" if tuple(tokens) == NEMO_IM_TOKENS else "--tokens " + shlex.join(tokens)
+    return f"neva tokenizer add-tokens --input {tokenizer} --output {output} {what}"
+
+
+def image_wrap_ids(tokenizer: TextTokenizer, tokens: tuple[str, str] = NEMO_IM_TOKENS) -> tuple[int, int]:
+    """The ids of the two ``tokens`` around each image (``use_im_start_end``); missing ones are an error."""
+    start, end = (tokenizer.token_id(t) for t in tokens)
     if start is None or end is None:
-        missing = [token for token, i in ((IM_START_TOKEN, start), (IM_END_TOKEN, end)) if i is None]
+        missing = [token for token, i in zip(tokens, (start, end), strict=True) if i is None]
         raise NevaError(
-            f"model.mm_cfg.use_im_start_end wraps every image in {IM_START_TOKEN} ... {IM_END_TOKEN}, but tokenizer "
-            f"{tokenizer.path} lacks {', '.join(missing)}; add them with `neva tokenizer add-tokens --input "
-            f"{tokenizer.path} --output NEW_TOKENIZER --preset neva` and train with the new tokenizer "
+            f"model.mm_cfg.use_im_start_end wraps every image in {tokens[0]} ... {tokens[1]}, but tokenizer "
+            f"{tokenizer.path} lacks {', '.join(missing)}; add them with "
+            f"`{add_wrap_tokens_command(tokenizer.path, 'NEW_TOKENIZER', tokens)}` and train with the new tokenizer "
             "(model.tokenizer.model=NEW_TOKENIZER)"
         )
     return start, end
@@ -331,19 +373,21 @@ def tokenize_conversation(
     *,
     where: str = "record",
     system: str | None = None,
-    im_start_end: bool = False,
+    im_start_end: bool | tuple[str, str] = False,
 ) -> Tokenized:
     """Token ids and labels of a conversation; ``where`` names the record in errors.
 
     The system prompt is the leading system turn if there is one, else ``system``, else the template's
     default; an empty one leaves the system block out. ``im_start_end`` puts each image's id between the ids of
-    ``<extra_id_4>`` and ``<extra_id_5>`` (NeMo's ``use_im_start_end``; unsupervised, like the image).
+    two tokens (unsupervised, like the image): true, NeMo's ``<extra_id_4>`` and ``<extra_id_5>``
+    (``use_im_start_end``); a pair, those two (``im_start_end_tokens``, :func:`image_wrap`).
     """
     tpl = _resolve(template)
     specials = _special_ids(tpl, tokenizer)
     image = [IMAGE_TOKEN_INDEX]
-    if im_start_end:
-        start, end = image_wrap_ids(tokenizer)
+    tokens = wrap_tokens(im_start_end)
+    if tokens is not None:
+        start, end = image_wrap_ids(tokenizer, tokens)
         image = [start, IMAGE_TOKEN_INDEX, end]
     strip_space = marks_word_starts(tokenizer)
     ids: list[int] = []

@@ -3,7 +3,9 @@
 Each problem names the file, the line (JSONL) or index (JSON), the record id, what is wrong and what
 was found. With a tokenizer and a template, each record is also rendered and tokenized exactly as
 training will do it, so a sequence that would exceed ``max_seq_length`` after image expansion (or that
-the template cannot render) is reported here instead of being dropped or truncated silently later.
+the template cannot render) is reported here instead of being dropped or truncated silently later. With an image
+layout (``--image-aspect-ratio anyres``..., :mod:`neva_tools.data.anyres`) each image counts the embeddings it
+becomes in training (its size is read from the file when it is tiled).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neva_tools.data.anyres import ImageLayout, sample_image_tokens
 from neva_tools.data.records import IMAGE_PLACEHOLDER, ROLES, Record, RecordError, iter_records, resolve_media
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import progress
@@ -67,6 +70,7 @@ class Settings:
     max_seq_length: int | None = None
     image_tokens: int = 576
     decode_images: bool = True
+    layout: ImageLayout | None = None  # counts each image's embeddings (AnyRes); None: image_tokens each
 
 
 @dataclass
@@ -176,15 +180,23 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
         if placeholders != len(images):
             add("image_count_mismatch", f"{placeholders} <image> placeholders but {len(images)} images",
                 f"image(s): {images}")  # fmt: skip
+    layout = settings.layout
+    need_sizes = layout is not None and layout.tiles_images(len(images))
+    sizes: list[tuple[int, int] | None] = []
     for path in images:
         full = resolve_media(path, settings.image_folder)
+        sizes.append(None)
         if not full.is_file():
             add("image_missing", "image file not found", str(full))
-        elif settings.decode_images:
-            from neva_tools.data.images import ImageProcessor
+        elif settings.decode_images or need_sizes:
+            from neva_tools.data.images import ImageProcessor, image_size_of
 
             try:
-                ImageProcessor().open(full)
+                if settings.decode_images:
+                    img = ImageProcessor().open(full)
+                    sizes[-1] = (img.height, img.width)
+                else:
+                    sizes[-1] = image_size_of(full)
             except NevaError as exc:
                 add("image_unreadable", "image cannot be decoded", str(exc))
     if video is not None and not resolve_media(video, settings.image_folder).is_file():
@@ -198,10 +210,13 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
         except NevaError as exc:
             add("template_error", f"template {settings.template!r} cannot render this record", str(exc))
         else:
-            length = tok.expanded_length(settings.image_tokens)
+            counts = sample_image_tokens(layout, sizes) if layout is not None else None
+            length = tok.expanded_length(counts if counts is not None else settings.image_tokens)
             stats["length"] = length
             if settings.max_seq_length is not None and length > settings.max_seq_length:
                 found = f"{len(tok.input_ids)} text tokens + {tok.num_images} images × {settings.image_tokens}"
+                if counts is not None:
+                    found = f"{len(tok.input_ids)} text tokens + images of {', '.join(map(str, counts))} tokens"
                 add("too_long", f"{length} tokens after image expansion > max_seq_length {settings.max_seq_length}",
                     found)  # fmt: skip
     return problems, stats

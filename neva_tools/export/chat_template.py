@@ -14,7 +14,8 @@ from the messages:
   format and the end-of-turn token;
 * ``plain`` (pretraining) keeps only the images of a user message, as our tokenizer does;
 * with ``im_start_end`` (NeMo's ``mm_cfg.use_im_start_end``) every ``<image>`` is rendered between ``<extra_id_4>``
-  and ``<extra_id_5>``, the ids our tokenizer puts around the image.
+  and ``<extra_id_5>`` (or the two tokens given, ``mm_cfg.im_start_end_tokens``), the ids our tokenizer puts around
+  the image.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 
 from neva_tools.data.records import IMAGE_PLACEHOLDER
-from neva_tools.data.templates import BOS, EOS, IM_END_TOKEN, IM_START_TOKEN, Template, get_template
+from neva_tools.data.templates import BOS, EOS, Template, get_template, wrap_tokens
 
 _FIELDS = re.compile(r"(\{system\}|\{q\}|\{a\}|" + re.escape(BOS) + "|" + re.escape(EOS) + ")")
 
@@ -60,10 +61,11 @@ def _split(fmt: str, field: str) -> tuple[str, str]:
 _IMAGE = _literal(IMAGE_PLACEHOLDER)
 
 
-def _content_macro(im_start_end: bool = False) -> str:
+def _content_macro(im_start_end: bool | tuple[str, str] = False) -> str:
     """The Jinja macro rendering a message's content; images wrapped in the start/end tokens with ``im_start_end``."""
-    image = _literal(IM_START_TOKEN + IMAGE_PLACEHOLDER + IM_END_TOKEN) if im_start_end else _IMAGE
-    text = f"content.replace({_IMAGE}, {image})" if im_start_end else "content"
+    tokens = wrap_tokens(im_start_end)
+    image = _literal(tokens[0] + IMAGE_PLACEHOLDER + tokens[1]) if tokens else _IMAGE
+    text = f"content.replace({_IMAGE}, {image})" if tokens else "content"
     return (
         "{%- macro render(content, keep_text) -%}"
         "{%- if content is string -%}"
@@ -81,14 +83,16 @@ def _content_macro(im_start_end: bool = False) -> str:
 _CONTENT_MACRO = _content_macro()
 
 
-def chat_template(template: str | Template, *, word_start_answers: bool = False, im_start_end: bool = False) -> str:
+def chat_template(template: str | Template, *, word_start_answers: bool = False,
+                  im_start_end: bool | tuple[str, str] = False) -> str:  # fmt: skip
     """The Jinja chat template that renders conversations as ``template`` does.
 
     ``word_start_answers`` is for tokenizers that mark word starts (sentencepiece's dummy prefix): we encode an
     answer as its own segment, so its first word always carries the word-start mark, also right after text
     without a space (mistral's ``[/INST]``, the newline after chatml's or LLaMA-3's assistant header). Whole-string
     tokenization gives that mark only after a space, so one is rendered there. Byte-level tokenizers need none.
-    ``im_start_end``: images between ``<extra_id_4>`` and ``<extra_id_5>`` (NeMo's ``use_im_start_end``).
+    ``im_start_end``: images between ``<extra_id_4>`` and ``<extra_id_5>`` (NeMo's ``use_im_start_end``), or the two
+    tokens given (``im_start_end_tokens``).
     """
     tpl = template if isinstance(template, Template) else get_template(template)
     keep = "true" if tpl.user_text else "false"

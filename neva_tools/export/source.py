@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from neva_tools.checkpoint import nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import NemoTensors, canonical_name, load_arch, model_config
 from neva_tools.errors import NevaError
-from neva_tools.export.vision import NEMO_VISION_PREFIX, VisionTower, resolve_tower
+from neva_tools.export.vision import NEMO_VISION_PREFIX, VisionTower, mcore_to_hf, resolve_tower, stored_mcore_tower
 from neva_tools.mappings.base import Split
-from neva_tools.mappings.clip import mcore_state_to_hf_clip
 from neva_tools.mappings.llama import LlamaArch
 from neva_tools.mappings.projector import mcore_to_llava_hf, nemo_to_llava_hf
 from neva_tools.model.added_vocab import with_added_rows
@@ -46,6 +46,11 @@ def projector_type(cfg: Mapping[str, Any], where: str) -> str:
         raise NevaError(f"{where}: mm_cfg.mm_mlp_adapter_type is {kind!r}; Hugging Face LLaVA "
                         "(multi_modal_projector.linear_1/linear_2) needs mlp2x_gelu")  # fmt: skip
     return kind
+
+
+def has_newline(cfg: Mapping[str, Any]) -> bool:
+    """Whether the model has LLaVA-NeXT's ``image_newline`` (``mm_patch_merge_type: spatial_unpad``)."""
+    return str(mm_setting(cfg, "mm_cfg", "mm_patch_merge_type", default="flat")) == "spatial_unpad"
 
 
 def _check_same_llm(cfg: Mapping[str, Any], arch: LlamaArch, where: str, llm: Path) -> None:
@@ -83,7 +88,8 @@ class NemoSource:
         tp, _ = self.archive.legacy_ranks()
         ranks = [self.archive.lazy_legacy(rank, 0) for rank in range(tp)]
         names = {key: canonical_name(key) for key in ranks[0]}
-        missing = [n for n in nemo_to_llava_hf(kind) if n not in names.values()]
+        projector = nemo_to_llava_hf(kind, newline=has_newline(self.cfg))
+        missing = [n for n in projector if n not in names.values()]
         if missing:
             raise NevaError(f"{self.where} has no {kind} projector (missing {', '.join(missing)}); export needs a "
                             "NeVA .nemo written by `neva train` or `neva import`")  # fmt: skip
@@ -92,8 +98,9 @@ class NemoSource:
             key = next(k for k, c in names.items() if c == canon)
             return tp_rules.merge([r[key] for r in ranks], Split.REPLICATED, name=key)
 
-        self._projector = {hf: replicated(n) for n, hf in nemo_to_llava_hf(kind).items()}
+        self._projector = {hf: replicated(n) for n, hf in projector.items()}
         self.vision_stored = {c: replicated(c) for c in names.values() if c and c.startswith(NEMO_VISION_PREFIX)}
+        self._tower = nemo_vision.read_tower(self.archive)  # the trained layers neva train stores, else None
         llm_archive = self.archive
         if _EMBEDDING not in names.values():
             source = llm or mm_setting(self.cfg, "mm_cfg", "llm", "from_pretrained")
@@ -122,11 +129,21 @@ class NemoSource:
         return tensor
 
     def projector(self) -> dict[str, torch.Tensor]:
-        """The projector under llava-hf names (``multi_modal_projector.linear_1.weight`` …)."""
+        """The projector under llava-hf names (``multi_modal_projector.linear_1.weight`` …, ``image_newline``)."""
         return dict(self._projector)
 
     def vision_tower(self, vision: str | None) -> VisionTower:
-        """The CLIP tower (see ``neva_tools.export.vision``), with trained tensors from the ``.nemo`` applied."""
+        """The CLIP tower (see ``neva_tools.export.vision``), with trained tensors from the ``.nemo`` applied (NeMo-1's
+        ``vision_encoder`` ones or the layers ``neva train`` stores); a file that trained its tower without storing it
+        is refused unless ``vision`` names the trained tower."""
+        held = self._tower is not None or bool(self.vision_stored)
+        bypass = None if vision is not None else "pass --vision with the trained tower"
+        nemo_vision.check_trained_tower(self.cfg, held, self.where, bypass=bypass)
+        if self._tower is not None:
+            return stored_mcore_tower(self.cfg, self._tower, self.where, vision)
+        if vision is not None and nemo_vision.tower_trained(self.cfg) and not held:
+            logger.warning("%s does not store its trained vision tower; exporting --vision %s as that tower",
+                           self.where, vision)  # fmt: skip
         return resolve_tower(self.cfg, self.vision_stored, self.where, vision)
 
     def tokenizer(self, dest: Path) -> Path:
@@ -222,9 +239,10 @@ class CheckpointSource:
         return tensor
 
     def projector(self) -> dict[str, torch.Tensor]:
-        """The projector under llava-hf names."""
+        """The projector under llava-hf names (with ``image_newline`` for ``spatial_unpad`` models)."""
         self._neva_only("a projector")
-        return {hf: self._stacked("model." + n) for n, hf in mcore_to_llava_hf(self._kind).items()}
+        names = mcore_to_llava_hf(self._kind, newline=has_newline(self.cfg))
+        return {hf: self._stacked("model." + n) for n, hf in names.items()}
 
     def _neva_only(self, what: str) -> None:
         if self.text_only:
@@ -232,7 +250,7 @@ class CheckpointSource:
                             "convert its LLM with `neva convert nemo-to-hf --all-checkpoints`")  # fmt: skip
 
     def vision_tower(self, vision: str | None) -> VisionTower:
-        """The CLIP tower from the run's source, with the checkpoint's (possibly trained) layers applied."""
+        """The CLIP/SigLIP tower from the run's source, with the checkpoint's (possibly trained) layers applied."""
         self._neva_only("vision tower")
         tower = resolve_tower(self.cfg, {}, self.where, vision)
         select = int(mm_setting(self.cfg, "mm_cfg", "vision_encoder", "vision_select_layer", default=-2))
@@ -246,7 +264,7 @@ class CheckpointSource:
                 mcore.update({f"decoder.layers.{i}.{rest}": stacked[i] for i in range(stacked.shape[0])})
             else:
                 mcore[name] = stacked
-        tower.override(mcore_state_to_hf_clip(mcore, tower.arch, select_layer=select), self.where)
+        tower.override(mcore_to_hf(mcore, tower.arch, select), self.where)
         return tower
 
     def tokenizer(self, dest: Path) -> Path:

@@ -143,7 +143,7 @@ def prompt_ids(tok: Any, text: str) -> list[int]:
 
 
 def check_chat_template(tok: Any, ours: TextTokenizer, template: Template, jinja: str, image_id: int, *,
-                        im_start_end: bool = False) -> None:  # fmt: skip
+                        im_start_end: bool | tuple[str, str] = False) -> None:  # fmt: skip
     """Raise unless the HF tokenizer and chat template give our ids for :data:`PROBE` (``<image>`` ↔ -200;
     ``im_start_end``: the images wrapped as the model was trained)."""
     turns = PROBE[: 2 * (template.max_rounds or 2)]

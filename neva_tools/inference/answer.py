@@ -16,7 +16,7 @@ from typing import Any
 from neva_tools.data.records import Record, Turn, iter_records, resolve_media
 from neva_tools.errors import NevaError
 from neva_tools.inference.generate import Generation, Sampling, generate
-from neva_tools.inference.load import LoadedNeva, load_images
+from neva_tools.inference.load import LoadedNeva, load_image_batch
 from neva_tools.inference.prompt import generation_prompt, stop_token_ids, user_message
 from neva_tools.utils.atomic import ANSWERS, atomic_path, check_output_path
 from neva_tools.utils.log import global_rank, progress
@@ -31,7 +31,7 @@ def answer(loaded: LoadedNeva, prompt: str, images: Sequence[str | Path] = (), *
     turns = [Turn("user", user_message(prompt, len(images), where))]
     ids = generation_prompt(turns, loaded.template, loaded.tokenizer, where=where, system=system,
                             im_start_end=loaded.im_start_end).input_ids  # fmt: skip
-    pixels = load_images(list(images), loaded.image_processor)
+    pixels = load_image_batch(list(images), loaded.image_processor)  # as training processes them (AnyRes tiles)
     stops = stop_token_ids(loaded.template, loaded.tokenizer)
     return generate(loaded.model, loaded.tokenizer, ids, pixels, max_new_tokens=max_new_tokens, sampling=sampling,
                     stop_ids=stops, vocab_size=loaded.vocab_size)  # fmt: skip

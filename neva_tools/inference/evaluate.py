@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from neva_tools.data.dataset import NevaDataset, collate
+from neva_tools.data.images import ImageBatch
 from neva_tools.data.records import Record, Turn, resolve_media
 from neva_tools.data.registry import DatasetSpec, DatasetUse
 from neva_tools.data.templates import IGNORE_INDEX, tokenize_conversation
 from neva_tools.errors import NevaError
-from neva_tools.inference.generate import generate
-from neva_tools.inference.load import LoadedNeva, load_images
+from neva_tools.inference.generate import as_image_batch, generate
+from neva_tools.inference.load import LoadedNeva, load_image_batch
 from neva_tools.inference.prompt import answer_span, generation_prompt, stop_token_ids
 from neva_tools.inference.scoring import token_nll
 from neva_tools.utils.log import progress
@@ -168,20 +169,22 @@ def _questions(records: Sequence[Record], settings: EvalSettings, data: Path) ->
 
 
 @torch.no_grad()
-def candidate_nll(loaded: LoadedNeva, context: Sequence[Turn], images: torch.Tensor, answers: Sequence[str],
-                  where: str = "record") -> torch.Tensor:  # fmt: skip
+def candidate_nll(loaded: LoadedNeva, context: Sequence[Turn], images: torch.Tensor | ImageBatch,
+                  answers: Sequence[str], where: str = "record") -> torch.Tensor:  # fmt: skip
     """Summed negative log-likelihood of each answer's tokens (answer and end-of-turn) after ``context``."""
     batch = []
+    pictures = as_image_batch(loaded.model, images)  # AnyRes tiles and each image's embedding count
     for answer in answers:
         tok = tokenize_conversation([*context, Turn("assistant", answer)], loaded.template, loaded.tokenizer,
                                     where=where, im_start_end=loaded.im_start_end)  # fmt: skip
-        if tok.expanded_length(loaded.model.img_seq_len) > loaded.max_sequence_length:
-            raise NevaError(f"{where}: {tok.expanded_length(loaded.model.img_seq_len)} tokens with candidate "
-                            f"{answer!r}, more than the model's {loaded.max_sequence_length}")  # fmt: skip
+        length = tok.expanded_length(pictures.tokens.tolist())
+        if length > loaded.max_sequence_length:
+            raise NevaError(f"{where}: {length} tokens with candidate {answer!r}, more than the model's "
+                            f"{loaded.max_sequence_length}")  # fmt: skip
         start, end = answer_span(tok)
         ids, labels = torch.tensor(tok.input_ids), torch.full((len(tok.input_ids) - 1,), IGNORE_INDEX)
         labels[start - 1 : end - 1] = ids[start:end]  # only the answer's tokens are scored
-        batch.append({"input_ids": ids[:-1], "labels": labels, "images": images, "id": answer})
+        batch.append({"input_ids": ids[:-1], "labels": labels, **pictures.fields(), "id": answer})
     return token_nll(loaded.model, collate(batch, loaded.tokenizer.pad_id), loaded.vocab_size).sum(dim=1)
 
 
@@ -217,7 +220,7 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
     stops = stop_token_ids(loaded.template, loaded.tokenizer)
     want_choice, want_gen = "choice" in settings.metrics, "generation" in settings.metrics
     for q in progress(questions if want_choice or want_gen else [], desc="answers", unit="record"):
-        images = load_images([resolve_media(p, folder) for p in q.record.images], loaded.image_processor)
+        images = load_image_batch([resolve_media(p, folder) for p in q.record.images], loaded.image_processor)
         row: dict[str, Any] = {"id": q.record.id, "kind": q.kind or None, "reference": q.reference}
         if q.answers is not None:
             nll = candidate_nll(loaded, q.context, images, q.answers, q.record.where())

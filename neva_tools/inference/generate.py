@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from neva_tools.data.images import ImageBatch
 from neva_tools.data.templates import IMAGE_TOKEN_INDEX
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.text import TextTokenizer
@@ -88,12 +89,28 @@ def _logits(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def as_image_batch(model: Any, images: torch.Tensor | ImageBatch | None) -> ImageBatch:
+    """``images`` as an ``ImageBatch``: a plain ``[n, 3, H, W]`` tensor is one view per image, counted by the
+    model's layout (``image_layout``; else ``img_seq_len`` each)."""
+    if isinstance(images, ImageBatch):
+        if images.tokens is None:
+            raise NevaError("the images were processed without a layout: build the processor as the model's "
+                            "(LoadedNeva.image_processor)")  # fmt: skip
+        return images
+    pixels = torch.tensor([]) if images is None else images
+    n = len(pixels)
+    layout = getattr(model, "image_layout", None)
+    per_image = model.img_seq_len if layout is None else layout.tokens(tiled=False)
+    return ImageBatch(pixels, torch.ones(n, dtype=torch.int), torch.zeros(n, 2, dtype=torch.long),
+                      torch.full((n,), per_image, dtype=torch.long))  # fmt: skip
+
+
 @torch.no_grad()
 def generate(
     model: Any,
     tokenizer: TextTokenizer,
     input_ids: Sequence[int],
-    images: torch.Tensor | None = None,
+    images: torch.Tensor | ImageBatch | None = None,
     *,
     max_new_tokens: int = 64,
     sampling: Sampling | None = None,
@@ -101,7 +118,8 @@ def generate(
     use_cache: bool = True,
     vocab_size: int | None = None,
 ) -> Generation:
-    """Continue ``input_ids`` (one ``IMAGE_TOKEN_INDEX`` per image in ``images`` ``[n, 3, H, W]``) with ``model``.
+    """Continue ``input_ids`` (one ``IMAGE_TOKEN_INDEX`` per image in ``images``: ``[n, 3, H, W]`` one view each, or
+    an ``ImageBatch`` from ``neva_tools.inference.load.load_image_batch``, AnyRes tiles included) with ``model``.
 
     ``model`` is a megatron-core ``LLaVAModel``; stops at a token of ``stop_ids`` (default: the tokenizer's EOS;
     pass ``()`` to always generate ``max_new_tokens``), after ``max_new_tokens`` or when the LLM's context is full.
@@ -115,18 +133,20 @@ def generate(
         raise NevaError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
     stops = set((tokenizer.eos_id,) if stop_ids is None else stop_ids) - {None}
     device = next(model.parameters()).device
-    images = (torch.tensor([]) if images is None else images).to(device)
+    batch = as_image_batch(model, images)
+    images = batch.pixels.to(device)
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     num_images = int((ids == IMAGE_TOKEN_INDEX).sum())
-    if num_images != len(images):
-        raise NevaError(f"the prompt has {num_images} image token(s) but {len(images)} image(s) were given")
-    prompt_length = ids.shape[1] + num_images * (model.img_seq_len - 1)
+    if num_images != len(batch):
+        raise NevaError(f"the prompt has {num_images} image token(s) but {len(batch)} image(s) were given")
+    prompt_length = ids.shape[1] + int(batch.tokens.sum()) - num_images
     limit = int(model.language_model.max_sequence_length)
     if prompt_length >= limit:
         raise NevaError(f"the prompt is {prompt_length} tokens long once its {num_images} image(s) are expanded; the "
                         f"model's context is {limit} (encoder_seq_length): shorten the prompt")  # fmt: skip
     budget = min(max_new_tokens, limit - prompt_length)
-    tiles = torch.ones(num_images, dtype=torch.int, device=device)
+    tiles = batch.tiles.to(device)
+    placement = {"image_sizes": batch.sizes.to(device)} if hasattr(model, "image_layout") else {}
     pick = _Picker(sampling, vocab_size or tokenizer.vocab_size)
     context = StaticInferenceContext(1, prompt_length + budget) if use_cache else None
     was_training = model.training
@@ -134,7 +154,7 @@ def generate(
     try:
         positions = torch.arange(ids.shape[1], device=device)[None]
         logits = _logits(model(images, ids, positions, None, inference_context=context, num_image_tiles=tiles,
-                               runtime_gather_output=True))  # fmt: skip
+                               runtime_gather_output=True, **placement))  # fmt: skip
         tokens: list[int] = []
         stop = "max_new_tokens" if budget == max_new_tokens else "max_length"
         for step in range(budget):
@@ -155,7 +175,7 @@ def generate(
             else:
                 ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
                 logits = _logits(model(images, ids, torch.arange(ids.shape[1], device=device)[None], None,
-                                       num_image_tiles=tiles, runtime_gather_output=True))  # fmt: skip
+                                       num_image_tiles=tiles, runtime_gather_output=True, **placement))  # fmt: skip
     finally:
         model.train(was_training)
     return Generation(tokens, tokenizer.decode(tokens).strip(), stop, prompt_length)

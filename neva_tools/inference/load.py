@@ -1,13 +1,19 @@
 """A trained NeVA ``.nemo`` as a megatron-core ``LLaVAModel`` ready for inference at the running TP.
 
 What ``neva train`` writes (``neva_tools.model.neva_io.save_neva_nemo``): the projector (always), the LLM (when it
-was trained, stage 2), the tokenizer and the run's config (the LLM's keys plus ``mm_cfg``, ``data`` and ``vision``).
-The frozen parts come from where the config says: the LLM from ``mm_cfg.llm.from_pretrained`` when the archive
-holds none (stage 1), the vision encoder from ``mm_cfg.vision_encoder.from_pretrained`` (or ``vision=``), read with
+was trained, stage 2), the vision tower (when it was trained; ``neva_tools.checkpoint.nemo_vision``), the tokenizer
+and the run's config (the LLM's keys plus ``mm_cfg``, ``data`` and ``vision``). A stored tower is loaded from the
+archive (its architecture from ``vision.arch``; ``vision=`` is then not used). The frozen parts come from where the
+config says: the LLM from ``mm_cfg.llm.from_pretrained`` when the archive holds none (stage 1), the vision encoder
+from ``mm_cfg.vision_encoder.from_pretrained`` (or ``vision=``), read with
 ``neva_tools.model.vision.read_clip_vision`` (open_clip or Hugging Face, CLIP or SigLIP) and converted exactly as
-``neva train`` does. Any saved TP loads at any running TP. The model's vocabulary is the config's ``vocab_size``
-(tokens added to the LLM's vocabulary included; a stage-1 file's added rows start as in training, see
-``neva_tools.model.added_vocab``), and prompts wrap images as ``mm_cfg.use_im_start_end`` says.
+``neva train`` does; a file whose config says its tower trained but which does not store it is refused unless
+``vision=`` names the trained tower. Any saved TP loads at any running TP. The model's vocabulary is the config's
+``vocab_size`` (tokens added to the LLM's vocabulary included; a stage-1 file's added rows start as in training, see
+``neva_tools.model.added_vocab``), and prompts wrap images as ``mm_cfg.use_im_start_end`` says, in the tokens of
+``mm_cfg.im_start_end_tokens`` (NeMo's ``<extra_id_4>``/``<extra_id_5>`` when the config has none). Images are
+processed and laid out as in training: ``data.image_aspect_ratio``/``image_grid_pinpoints`` and
+``mm_cfg.mm_patch_merge_type`` (AnyRes, :mod:`neva_tools.data.anyres`) build the processor and the model alike.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from typing import Any
 
 import torch
 
+from neva_tools.checkpoint import nemo_vision
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import canonical_name, model_config
-from neva_tools.data.images import ImageProcessor
-from neva_tools.data.templates import get_template, image_wrap_ids
+from neva_tools.data.anyres import ImageLayout
+from neva_tools.data.images import ImageBatch, ImageProcessor
+from neva_tools.data.templates import get_template, image_wrap, image_wrap_ids
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.text import TextTokenizer
 
@@ -42,7 +50,7 @@ class LoadedNeva:
     vocab_size: int  # true vocabulary, tokens added to the LLM's included (the model's is padded)
     max_sequence_length: int  # the LLM's context, image embeddings included
     source: Path
-    im_start_end: bool = False  # mm_cfg.use_im_start_end: images between <extra_id_4> and <extra_id_5>
+    im_start_end: bool | tuple[str, str] = False  # mm_cfg.use_im_start_end: the two tokens around each image
 
 
 def neva_config(nemo: str | Path) -> dict[str, Any]:
@@ -105,6 +113,33 @@ def _llm_source(nemo: Path, cfg: dict[str, Any], override: str | Path | None) ->
     return Path(base)
 
 
+def _vision_tower(cfg: dict[str, Any], vision: str | Path | None, nemo: Path,
+                  select: int) -> tuple[Any, dict[str, torch.Tensor], str]:  # fmt: skip
+    """(architecture, full ``CLIPViTModel`` tensors, where from) of the vision tower: the trained one stored in
+    ``nemo``, else ``vision`` or ``mm_cfg.vision_encoder.from_pretrained`` converted as ``neva train`` does."""
+    from neva_tools.model.vision import read_clip_vision, vision_state_to_mcore
+
+    with NemoArchive(nemo) as archive:
+        tower = nemo_vision.read_tower(archive)
+    if tower is not None:
+        if vision is not None:
+            logger.info("%s holds its trained vision tower; --vision %s is not used", nemo, vision)
+        return tower.arch, tower.for_layer(select), f"{nemo} (trained tower)"
+    bypass = None if vision is not None else "pass --vision with the trained tower"
+    nemo_vision.check_trained_tower(cfg, False, str(nemo), bypass=bypass)
+    if vision is not None and nemo_vision.tower_trained(cfg):
+        logger.warning("%s does not store its trained vision tower; using --vision %s as that tower", nemo, vision)
+    source, pretrained = vision_source(cfg, vision, nemo)
+    state, arch, kind = read_clip_vision(source, pretrained=pretrained)
+    stored = cfg.get("vision") or {}
+    trained = (stored.get("image_size", arch.image_size), stored.get("patch_size", arch.patch_size))
+    if trained != (arch.image_size, arch.patch_size):
+        raise NevaError(f"vision encoder {source} takes {arch.image_size}px images in {arch.patch_size}px patches but "
+                        f"{nemo} was trained with {trained[0]}px / {trained[1]}px; pass "
+                        "--vision with the CLIP it was trained with")  # fmt: skip
+    return arch, vision_state_to_mcore(state, arch, kind, select_layer=select), source  # CLIP or SigLIP, as trained
+
+
 def load_neva(
     nemo: str | Path,
     *,
@@ -121,10 +156,6 @@ def load_neva(
 
     from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
-    from neva_tools.model.vision import (
-        read_clip_vision,
-        vision_state_to_mcore,
-    )
 
     if not parallel_state.model_parallel_is_initialized():
         raise NevaError("megatron parallel state is not initialized; call neva_tools.model.parallel.init_distributed()")
@@ -135,21 +166,14 @@ def load_neva(
     mm = cfg["mm_cfg"]
     projector = str(mm.get("mm_mlp_adapter_type") or "mlp2x_gelu")
     select = int((mm.get("vision_encoder") or {}).get("vision_select_layer", -2))
-    source, pretrained = vision_source(cfg, vision, nemo)
-    state, arch, kind = read_clip_vision(source, pretrained=pretrained)
-    stored = cfg.get("vision") or {}
-    trained = (stored.get("image_size", arch.image_size), stored.get("patch_size", arch.patch_size))
-    if trained != (arch.image_size, arch.patch_size):
-        raise NevaError(f"vision encoder {source} takes {arch.image_size}px images in {arch.patch_size}px patches but "
-                        f"{nemo} was trained with {trained[0]}px / {trained[1]}px; pass "
-                        "--vision with the CLIP it was trained with")  # fmt: skip
-    vision_full = vision_state_to_mcore(state, arch, kind, select_layer=select)  # CLIP or SigLIP, as in training
-    del state
+    arch, vision_full, source = _vision_tower(cfg, vision, nemo, select)
     llm_path = _llm_source(nemo, cfg, llm)
     llm_cfg, vocab = neva_io.llm_config(llm_path)
     trained = max(vocab, int(cfg.get("vocab_size") or vocab))  # added tokens' rows: stored, else as training began
+    layout = ImageLayout.from_config(cfg.get("data"), mm, arch.image_size, arch.patch_size)  # as trained
     model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
-                               projector_type=projector, projector_from=nemo, vocab_size=trained)  # fmt: skip
+                               projector_type=projector, projector_from=nemo, vocab_size=trained,
+                               image_layout=layout)  # fmt: skip
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -157,17 +181,24 @@ def load_neva(
     if tokenizer.vocab_size > trained:
         raise NevaError(f"the tokenizer stored in {nemo} has {tokenizer.vocab_size} tokens but the model was trained "
                         f"with {trained} (LLM {llm_path}, vocab_size of {nemo})")  # fmt: skip
-    im_start_end = bool(mm.get("use_im_start_end"))
+    im_start_end = image_wrap(mm) or False  # im_start_end_tokens (NeMo's when the config has none)
     if im_start_end:
-        image_wrap_ids(tokenizer)  # the tokens exist (else a NevaError naming them), before any prompt is built
+        image_wrap_ids(tokenizer, im_start_end)  # the tokens exist (else a NevaError naming them), before any prompt
     aspect = str((cfg.get("data") or {}).get("image_aspect_ratio") or "pad")
     logger.info("loaded %s (LLM from %s, vision %s) at TP=%d", nemo, llm_path, source, tp)
-    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, aspect)
+    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, aspect, layout=layout)
     return LoadedNeva(model, tokenizer, template_used, processor, trained,
                       int(model.language_model.max_sequence_length), nemo, im_start_end)  # fmt: skip
 
 
 def load_images(paths: list[str | Path], processor: ImageProcessor) -> torch.Tensor:
-    """Images ``[n, 3, H, W]`` (``n`` may be 0) for the model; unreadable files raise ``NevaError``."""
+    """Images ``[n, 3, H, W]`` (``n`` may be 0) for the model, one view each (never tiled: use
+    :func:`load_image_batch` for a prompt's images); unreadable files raise ``NevaError``."""
     size = processor.image_size
     return torch.stack([processor(p) for p in paths]) if paths else torch.empty(0, 3, size, size, device="cpu")
+
+
+def load_image_batch(paths: list[str | Path], processor: ImageProcessor) -> ImageBatch:
+    """A prompt's images as training processes a sample's (``anyres``: a single image is tiled) with their tiles,
+    sizes and embedding counts, for :func:`neva_tools.inference.generate.generate`."""
+    return processor.batch(list(paths))

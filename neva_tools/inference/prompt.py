@@ -47,12 +47,12 @@ def generation_prompt(
     *,
     where: str = "prompt",
     system: str | None = None,
-    im_start_end: bool = False,
+    im_start_end: bool | tuple[str, str] = False,
 ) -> Tokenized:
     """Token ids of ``turns`` (ending with a user turn) up to where the assistant's answer starts.
 
-    ``im_start_end``: images between ``<extra_id_4>`` and ``<extra_id_5>``, as a model trained with NeMo's
-    ``mm_cfg.use_im_start_end`` saw them (``LoadedNeva.im_start_end``).
+    ``im_start_end``: images between ``<extra_id_4>`` and ``<extra_id_5>`` (true) or the two tokens given, as a
+    model trained with ``mm_cfg.use_im_start_end`` and ``im_start_end_tokens`` saw them (``LoadedNeva.im_start_end``).
     """
     if not turns or turns[-1].role != "user":
         raise NevaError(f"{where}: a generation prompt must end with a user turn")

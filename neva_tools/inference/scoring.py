@@ -6,7 +6,8 @@ softmax, so the same weights give a different loss at another TP, and a Hugging 
 would disagree. Here the padded entries are set to -inf first, then megatron-core's
 ``vocab_parallel_cross_entropy`` runs on the vocab-parallel logits (no gather): the result is the same at any TP
 and equals the exported model's. Logits are read at each text token's position in the image-expanded sequence
-(an ``IMAGE_TOKEN_INDEX`` at position ``t`` occupies ``img_seq_len`` positions, one tile per image).
+(an ``IMAGE_TOKEN_INDEX`` at position ``t`` occupies as many positions as the image's embeddings: the batch's
+``image_tokens``, else ``num_image_tiles × img_seq_len``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import torch
 from neva_tools.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 
-def text_positions(input_ids: torch.Tensor, img_seq_len: int) -> torch.Tensor:
-    """Position of every text token (and of the last embedding of every image) in the image-expanded sequence."""
-    return torch.cumsum(torch.where(input_ids == IMAGE_TOKEN_INDEX, img_seq_len, 1), dim=1) - 1
+def text_positions(input_ids: torch.Tensor, img_seq_len: int | torch.Tensor) -> torch.Tensor:
+    """Position of every text token (and of the last embedding of every image) in the image-expanded sequence;
+    ``img_seq_len``: one count for every image, or each image's (row-major order of the image tokens)."""
+    if isinstance(img_seq_len, int):
+        return torch.cumsum(torch.where(input_ids == IMAGE_TOKEN_INDEX, img_seq_len, 1), dim=1) - 1
+    widths = torch.ones_like(input_ids)
+    widths[input_ids == IMAGE_TOKEN_INDEX] = img_seq_len.to(device=input_ids.device, dtype=widths.dtype)
+    return torch.cumsum(widths, dim=1) - 1
 
 
 @torch.no_grad()
@@ -36,10 +42,14 @@ def token_nll(model: Any, batch: dict[str, Any], vocab_size: int) -> torch.Tenso
     device = next(model.parameters()).device
     ids, tiles = batch["input_ids"].to(device), batch.get("num_image_tiles")
     tiles = None if tiles is None else tiles.to(device)
+    placement = {"image_sizes": batch["image_sizes"].to(device)} if "image_sizes" in batch else {}
     output = model(batch["images"].to(device), ids, batch["position_ids"].to(device), None, num_image_tiles=tiles,
-                   runtime_gather_output=False)  # fmt: skip
+                   runtime_gather_output=False, **placement)  # fmt: skip
     logits = output[0] if isinstance(output, tuple) else output  # [b, s_expanded, V / TP]
-    positions = text_positions(ids, model.img_seq_len)
+    widths = batch.get("image_tokens")
+    if widths is None:
+        widths = model.img_seq_len if tiles is None else tiles * model.img_seq_len
+    positions = text_positions(ids, widths)
     logits = torch.gather(logits, 1, positions[..., None].expand(-1, -1, logits.shape[-1])).float()
     part = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * part

@@ -2,7 +2,9 @@
 
 ``mlp2x_gelu`` is Linear → GELU → Linear (``mm_projector.0`` and ``.2``); ``linear`` is one Linear.
 megatron-core splits ``linear_fc1`` by columns and ``linear_fc2`` by rows; NeMo-1 keeps the projector
-whole (replicated), so conversion merges/splits with the usual rules.
+whole (replicated), so conversion merges/splits with the usual rules. ``mm_patch_merge_type: spatial_unpad`` adds
+LLaVA-NeXT's ``image_newline`` (replicated; llava-hf ``image_newline``, NeMo-1 has none: it is stored next to
+``mm_projector`` in the adapter); ``table(..., newline=True)`` includes it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,13 @@ from neva_tools.mappings.base import Entry, Split
 
 NEMO_PREFIX = "model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.mm_projector."
 MCORE_PREFIX = "vision_projection.encoder."
+#: LLaVA-NeXT's learned row after every feature row of an unpadded tile grid (``spatial_unpad``).
+NEWLINE = Entry(
+    "vision_projection.image_newline",
+    ("model.embedding.word_embeddings.adapter_layer.mm_projector_adapter.image_newline", "image_newline"),
+    Split.REPLICATED,
+    when="image_newline",
+)
 
 #: (megatron-core name, NeMo-1 name, llava-hf name) with the megatron-core split kind.
 TABLES: dict[str, tuple[Entry, ...]] = {
@@ -51,19 +60,21 @@ TABLES: dict[str, tuple[Entry, ...]] = {
 }
 
 
-def table(projector_type: str) -> tuple[Entry, ...]:
-    """The entries of a projector type."""
-    return TABLES[projector_type]
+def table(projector_type: str, *, newline: bool = False) -> tuple[Entry, ...]:
+    """The entries of a projector type, with ``image_newline`` when ``newline`` (``spatial_unpad`` models)."""
+    return TABLES[projector_type] + ((NEWLINE,) if newline else ())
 
 
-def nemo_to_llava_hf(projector_type: str) -> dict[str, str]:
-    """NeMo-1 ``mm_projector`` name → llava-hf ``multi_modal_projector`` name (the inverse: swap the pairs)."""
-    return {entry.hf[0]: entry.hf[1] for entry in table(projector_type)}
+def nemo_to_llava_hf(projector_type: str, *, newline: bool = False) -> dict[str, str]:
+    """NeMo-1 ``mm_projector`` name → llava-hf ``multi_modal_projector`` name (the inverse: swap the pairs);
+    ``newline``: with ``image_newline``."""
+    return {entry.hf[0]: entry.hf[1] for entry in table(projector_type, newline=newline)}
 
 
-def mcore_to_llava_hf(projector_type: str) -> dict[str, str]:
-    """megatron-core ``vision_projection`` name → llava-hf ``multi_modal_projector`` name."""
-    return {entry.nemo: entry.hf[1] for entry in table(projector_type)}
+def mcore_to_llava_hf(projector_type: str, *, newline: bool = False) -> dict[str, str]:
+    """megatron-core ``vision_projection`` name → llava-hf ``multi_modal_projector`` name (``newline``: with
+    ``image_newline``)."""
+    return {entry.nemo: entry.hf[1] for entry in table(projector_type, newline=newline)}
 
 
 #: LLaVA's ``mm_projector.bin`` (what ``--tune_mm_mlp_adapter`` stage 1 saves): ``model.mm_projector.<suffix>`` with

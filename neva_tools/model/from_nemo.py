@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from neva_tools.checkpoint import dist
+from neva_tools.checkpoint import dist, nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import NEVA_REPLICATED_PREFIXES, NemoTensors, canonical_name, load_arch
@@ -45,7 +45,8 @@ def rank_state_dict(archive: NemoArchive, arch: LlamaArch, tp: int, rank: int, p
         extra = set(state) - expected
         vocab_rows = [state[n].shape[0] for n, _, split in arch.entries() if split is Split.VOCAB and n in state]
         same_padding = all(rows == padded // tp for rows in vocab_rows)  # else the rows are re-padded below
-        if expected <= set(state) and same_padding and all(n.startswith(NEVA_REPLICATED_PREFIXES) for n in extra):
+        neva_parts = (*NEVA_REPLICATED_PREFIXES, nemo_vision.PREFIX)  # the projector and vision tower of NeVA files
+        if expected <= set(state) and same_padding and all(n.startswith(neva_parts) for n in extra):
             return {name: state[name] for name in expected}
     tensors = NemoTensors(archive, arch)
     llm = {name for name, _, _ in arch.entries()}  # a NeVA archive also holds projector/vision tensors

@@ -2,22 +2,27 @@
 
 Everything architectural is derived: the LLM from its NeMo model section (the ``.nemo``), the vision
 encoder from its own config (see ``neva_tools.mappings.clip`` and ``.siglip``), the projector from both hidden
-sizes, the image token count from image and patch size (no class token in either: CLIP's is dropped).
+sizes, the image token count from image and patch size (no class token in either: CLIP's is dropped). With an
+``image_layout`` (:mod:`neva_tools.data.anyres`) the model lays out AnyRes tiles (:mod:`neva_tools.model.merge`);
+``mm_patch_merge_type: spatial_unpad`` adds the learned ``vision_projection.image_newline`` row.
 Only local (non-Transformer-Engine) specs are used so the same model runs on CPU (tests, demo) and GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from neva_tools.data.anyres import ImageLayout
 from neva_tools.errors import NevaError
 from neva_tools.model.gpt import gpt_model_kwargs, transformer_config_from_nemo
 
 PROJECTOR_TYPES = {"mlp2x_gelu": "mlp", "linear": "affine"}
+NEWLINE_SEED = 1234  # image_newline's initialisation: the same on every rank, whatever the RNG state
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class NevaParts:
     image_size: int
     patch_size: int
     projector_type: str = "mlp2x_gelu"
+    image_layout: ImageLayout | None = None  # AnyRes tiles and mm_patch_merge_type (None: one tile, flat)
 
     @property
     def image_tokens(self) -> int:
@@ -109,7 +115,23 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
         model.language_model.rotary_pos_emb.seq_len_interpolation_factor = kwargs["seq_len_interpolation_factor"]
     if model.img_seq_len != parts.image_tokens:
         raise NevaError(f"megatron-core counts {model.img_seq_len} image tokens, expected {parts.image_tokens}")
+    layout = parts.image_layout
+    if layout is not None:
+        if (layout.image_size, layout.patch_size) != (parts.image_size, parts.patch_size):
+            raise NevaError(f"the image layout's {layout.image_size}px / {layout.patch_size}px tiles differ from the "
+                            f"vision encoder's {parts.image_size}px / {parts.patch_size}px")  # fmt: skip
+        model.image_layout = layout
+        if layout.merge == "spatial_unpad":
+            add_image_newline(model.vision_projection, language.hidden_size)
     return model
+
+
+def add_image_newline(projector: torch.nn.Module, hidden: int) -> None:
+    """Give the projector LLaVA-NeXT's ``image_newline`` ``[hidden]``: N(0, 1/hidden), seeded (``NEWLINE_SEED``) so
+    every tensor-parallel rank holds the same row; it is replicated and trained with the projector."""
+    reference = next(projector.parameters())
+    value = torch.randn(hidden, generator=torch.Generator().manual_seed(NEWLINE_SEED)) / math.sqrt(hidden)
+    projector.register_parameter("image_newline", torch.nn.Parameter(value.to(reference.device, reference.dtype)))
 
 
 def freeze(model: Any, *, llm: bool, vision: bool, projector: bool = False) -> None:

@@ -2,10 +2,11 @@
 ``mm_projector.bin``), and the final NeVA ``.nemo`` of a training run (NeMo-1 NeVA layout, so ``neva repartition``
 and NeMo read it).
 
-The final archive holds, per TP rank, the LLM shard (megatron-core names, when the LLM was trained)
-and the full projector under NeMo's ``mm_projector`` names (replicated), plus the tokenizer and the
-run's config. Each TP rank writes its shard to a part file; global rank 0 streams the parts into the
-tar, so no rank ever holds another rank's weights.
+The final archive holds, per TP rank, the LLM shard (megatron-core names, when the LLM was trained),
+the vision tower's shard (``model.vision_model.*``, when it was trained or came trained from a ``.nemo``; see
+``neva_tools.checkpoint.nemo_vision``) and the full projector under NeMo's ``mm_projector`` names (replicated),
+plus the tokenizer and the run's config. Each TP rank writes its shard to a part file; global rank 0 streams the
+parts into the tar, so no rank ever holds another rank's weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from neva_tools.checkpoint import nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import load_arch
@@ -54,9 +56,10 @@ def llm_padded_vocab(cfg: dict[str, Any], vocab: int, tp: int) -> int:
 def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: Any,
                vision_full: dict[str, torch.Tensor], *, select_layer: int, projector_type: str,
                projector_from: str | Path | None = None, recompute: dict[str, Any] | None = None,
-               vocab_size: int | None = None) -> Any:  # fmt: skip
+               vocab_size: int | None = None, image_layout: Any = None) -> Any:  # fmt: skip
     """This TP rank's ``LLaVAModel`` with the LLM of ``llm_path``, the vision encoder (full megatron-core tensors,
     split here) and, when ``projector_from`` is given, the projector stored there (else a fresh one).
+    ``image_layout`` (``neva_tools.data.anyres.ImageLayout``): AnyRes tiles and ``mm_patch_merge_type``.
 
     ``recompute`` holds NeMo's activation-checkpointing keys (``neva_tools.model.recompute``), applied to the LLM
     and the vision encoder alike. ``vocab`` is the LLM's vocabulary (the rows ``llm_path`` holds); ``vocab_size``
@@ -77,7 +80,7 @@ def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: 
     total = max(vocab, vocab_size or vocab)
     padded = llm_padded_vocab(llm_cfg, total, tp)
     parts = NevaParts({**llm_cfg, **recompute, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
-                      padded, vision_cfg, arch.image_size, arch.patch_size, projector_type)  # fmt: skip
+                      padded, vision_cfg, arch.image_size, arch.patch_size, projector_type, image_layout)  # fmt: skip
     model = build_neva_model(parts)
     load_llm(model, llm_path, tp, rank, padded)
     init_added_rows(model.language_model, vocab, total)
@@ -102,8 +105,9 @@ def extract_tokenizer(nemo_path: str | Path, dest: str | Path) -> Path:
 def load_projector(model: Any, source: str | Path, projector_type: str, tp: int, rank: int) -> None:
     """Initialise ``model.vision_projection`` from stage 1's projector: the NeMo-named projector of a NeVA ``.nemo``
     or LLaVA's ``mm_projector.bin``/``.safetensors`` (``neva_tools.model.projector_io``), checked against the model's
-    sizes and split for TP ``rank`` like every projector."""
-    from neva_tools.model.projector_io import check_shapes, read_projector
+    sizes and split for TP ``rank`` like every projector. A model with ``image_newline`` (``spatial_unpad``) takes
+    the one a ``.nemo`` stores; without one (stage 1 trained flat, LLaVA's files) it keeps its initial row."""
+    from neva_tools.model.projector_io import check_shapes, read_image_newline, read_projector
 
     full = read_projector(source, projector_type)
     check_shapes(full, projector_type, model.language_model.config.hidden_size, model.vision_model.config.hidden_size,
@@ -113,6 +117,13 @@ def load_projector(model: Any, source: str | Path, projector_type: str, tp: int,
     for e in projector_table(projector_type):
         key = e.nemo.removeprefix("vision_projection.")
         local[key] = tp_rules.shard(full[e.hf[0]], e.split, tp, rank).to(target[key].dtype)
+    newline = getattr(model.vision_projection, "image_newline", None)
+    stored = read_image_newline(source) if newline is not None else None  # None: stays as initialised (LLaVA-NeXT)
+    if stored is not None:
+        if tuple(stored.shape) != tuple(newline.shape):
+            raise NevaError(f"{source}: image_newline has shape {list(stored.shape)}, this model's LLM hidden size "
+                            f"needs {list(newline.shape)}")  # fmt: skip
+        local["image_newline"] = stored.to(newline.dtype)
     model.vision_projection.load_state_dict(local, strict=False)  # copies the CPU tensors onto the model's device
     target = {k: v for k, v in model.vision_projection.state_dict().items() if not k.endswith("_extra_state")}
     for key, tensor in local.items():
@@ -128,7 +139,8 @@ def _gather_projector(model: Any, projector_type: str) -> dict[str, torch.Tensor
     world = torch.distributed.get_world_size(group)
     local = model.state_dict()
     out = {}
-    for entry in projector_table(projector_type):
+    newline = hasattr(model.vision_projection, "image_newline")  # spatial_unpad: saved with the projector
+    for entry in projector_table(projector_type, newline=newline):
         shard = local[entry.nemo].detach().cpu()
         shards: list[Any] = [None] * world
         torch.distributed.all_gather_object(shards, shard, group=group)
@@ -137,14 +149,25 @@ def _gather_projector(model: Any, projector_type: str) -> dict[str, torch.Tensor
 
 
 def save_neva_nemo(model: Any, output: str | Path, config: dict[str, Any], *, include_llm: bool,
-                   projector_type: str, tokenizer: str | Path | None) -> Path | None:  # fmt: skip
-    """Write the run's NeVA ``.nemo`` (collective: every rank calls it; returns the path on global rank 0)."""
+                   projector_type: str, tokenizer: str | Path | None,
+                   include_vision: bool = False) -> Path | None:  # fmt: skip
+    """Write the run's NeVA ``.nemo`` (collective: every rank calls it; returns the path on global rank 0).
+
+    ``include_vision`` stores this rank's shard of the vision tower (``neva_tools.checkpoint.nemo_vision``); the
+    config's ``vision.arch`` must then describe it. ``vision.stored`` is set to say whether the file holds it.
+    """
+    vision = dict(config.get("vision") or {})
+    if include_vision and not isinstance(vision.get("arch"), dict):
+        raise NevaError("storing the vision tower needs its architecture in the config (vision.arch)")
+    config = {**config, "vision": {**vision, "stored": include_vision}}
     projector = _gather_projector(model, projector_type)  # collective over the TP group
 
     def rank_state() -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = dict(projector)
         if include_llm:
             state.update(canonical_state(model.language_model))
+        if include_vision:
+            state.update(canonical_state(model.vision_model, prefix=nemo_vision.PREFIX))
         return state
 
     return save_sharded_nemo(output, rank_state, config, tokenizer=tokenizer)

@@ -6,6 +6,8 @@ Either gives the full (TP=1) projector under NeMo-1 names (:mod:`neva_tools.mapp
 ``torch.save`` of ``{"model.mm_projector.0.weight": ..., ...}`` (whatever precedes ``mm_projector.`` is ignored),
 read with ``torch.load(weights_only=True)``: a pickle holding code is refused. Every key must map and every tensor
 must be there; a key of something else (a vision resampler, embeddings) is an error naming it.
+``image_newline`` (``spatial_unpad``) comes from a NeVA ``.nemo`` only (:func:`read_image_newline`): LLaVA's
+``mm_projector.bin`` never holds it, and LLaVA-NeXT starts it fresh in stage 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from neva_tools.errors import NevaError
-from neva_tools.mappings.projector import LLAVA_PROJECTOR, NEMO_PREFIX, full_shapes, llava_suffix, table
+from neva_tools.mappings.projector import LLAVA_PROJECTOR, NEMO_PREFIX, NEWLINE, full_shapes, llava_suffix, table
 
 #: File suffixes read as LLaVA projector files; anything else is read as a ``.nemo``.
 LLAVA_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
@@ -47,6 +49,26 @@ def _from_nemo(source: str | Path, projector_type: str) -> dict[str, torch.Tenso
         if missing:
             raise NevaError(f"{source} has no {projector_type} projector (missing {', '.join(missing)})")
         return {n: state[n] for n in names}
+
+
+def read_image_newline(source: str | Path) -> torch.Tensor | None:
+    """The ``image_newline`` a NeVA ``.nemo`` stores, or None (LLaVA's projector files, models trained without
+    ``spatial_unpad``); a ``.nemo`` whose config says ``spatial_unpad`` but that holds none is an error."""
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.checkpoint.nemo_tensors import model_config
+
+    if is_llava_file(source):
+        return None
+    name = NEWLINE.hf[0]
+    with NemoArchive(source) as archive:
+        state = archive.lazy_legacy(0, 0) if archive.layout == "legacy" else {}
+        if name in state:
+            return state[name].detach().to("cpu").contiguous()
+        merge = (model_config(archive).get("mm_cfg") or {}).get("mm_patch_merge_type")
+    if merge == "spatial_unpad":
+        raise NevaError(f"{source} was trained with mm_patch_merge_type spatial_unpad but stores no image_newline "
+                        f"({name}); the file is incomplete: save it again from its training run")  # fmt: skip
+    return None
 
 
 def _load_llava(path: Path) -> Mapping[str, Any]:

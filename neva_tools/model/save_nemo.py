@@ -20,11 +20,12 @@ from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.tokenizer_files import add_tokenizer
 
 
-def canonical_state(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``module``'s local shard under the archive's canonical ``model.*`` names (contiguous CPU copies)."""
+def canonical_state(module: torch.nn.Module, dtype: torch.dtype | None = None,
+                    prefix: str = "model.") -> dict[str, torch.Tensor]:  # fmt: skip
+    """``module``'s local shard under the archive's canonical names, ``prefix`` + its own (contiguous CPU copies)."""
     state = {}
     for key, tensor in module.state_dict().items():
-        name = canonical_name("model." + key)
+        name = canonical_name(prefix + key)
         if name is not None and isinstance(tensor, torch.Tensor):
             state[name] = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
     return state

@@ -11,7 +11,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from neva_tools.train.loss_plot import LOSS_COLUMNS, LossRow, read_loss, read_val_loss, render
 from neva_tools.train.strategy import EngineSettings, MegatronStrategy
+from neva_tools.train.summary import RunInfo
+from neva_tools.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class TrainerSettings:
     log_every_n_steps: int = 1
     num_nodes: int = 1
     seed: int = 1234
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal (rank 0); without one, or off: progress lines in the log
     tf32: bool = True
     initial_loss_scale: float = 2.0**32  # fp16 only: megatron-core's dynamic loss scaler (NeMo's native_amp_* keys)
     loss_scale_window: int = 1000
@@ -63,29 +66,72 @@ def accumulation(settings: TrainerSettings, world: int) -> int:
 
 
 class LossCurve(pl.Callback):
-    """Collects the training loss on rank 0 and writes ``loss.png`` (and ``loss.csv``) when training ends.
+    """Collects the training loss on rank 0 into ``loss.csv`` and renders ``loss.png`` (``neva_tools.train.loss_plot``).
 
     Micro-batch losses stay on the device and are read in one transfer every ``log_every_n_steps`` optimizer
-    steps (and at the end), so the training loop does not wait for the device after every micro-batch.
+    steps, when a checkpoint is saved and at the end, so the training loop does not wait for the device after every
+    micro-batch. Each read appends a row per completed optimizer step to ``loss.csv``: the step, the mean loss of its
+    micro-batches and its learning rate (the largest of the optimizer's parameter groups), so the file keeps what a
+    crash leaves. A resumed run keeps the rows up to the step it resumed from and appends the rest: ``loss.csv`` and
+    ``loss.png`` cover the whole run across restarts. ``title`` and ``vocab_size`` (the ln(V) line) go to the plot.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, title: str = "training loss", vocab_size: int | None = None) -> None:
         self.directory = Path(directory)
-        self.steps: list[int] = []
+        self.title, self.vocab_size = title, vocab_size
+        self.steps: list[int] = []  # this session's micro-batch losses, as read
         self.losses: list[float] = []
+        self.rows: list[LossRow] = []  # one per optimizer step, the whole run
         self._pending: list[tuple[int, torch.Tensor]] = []
+        self._lrs: dict[int, float] = {}
         self._step, self._read_at = 0, 0  # _read_at: the optimizer step of the last read
+        self._written = 0  # rows already in loss.csv
+        self._started = self._ended = False
 
-    def _flush(self) -> None:
-        if self._pending:
-            values = torch.stack([loss.float() for _, loss in self._pending]).tolist()
-            self.steps.extend(step for step, _ in self._pending)
-            self.losses.extend(values)
-            self._pending.clear()
+    @property
+    def csv_path(self) -> Path:
+        """``loss.csv``."""
+        return self.directory / "loss.csv"
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            resumed = trainer.global_step  # > 0: resumed from a checkpoint of that step
+            self.rows = read_loss(self.csv_path, upto=resumed) if resumed else []
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.csv_path) as tmp:
+            tmp.write_text(",".join(LOSS_COLUMNS) + "\n" + "".join(row.csv() for row in self.rows))
+        self._written, self._started = len(self.rows), True
+
+    def read(self, step: int) -> None:
+        """Read the losses of the optimizer steps up to ``step`` from the device and append their rows (rank 0)."""
+        ready = [(s, loss) for s, loss in self._pending if s <= step]
+        if not ready:
+            return
+        self._pending = [(s, loss) for s, loss in self._pending if s > step]
+        values = torch.stack([loss.float() for _, loss in ready]).tolist()
+        self.steps.extend(s for s, _ in ready)
+        self.losses.extend(values)
+        per_step: dict[int, list[float]] = {}
+        for (s, _), value in zip(ready, values, strict=True):
+            per_step.setdefault(s, []).append(value)
+        self.rows.extend(LossRow(s, sum(v) / len(v), self._lrs.pop(s, None)) for s, v in sorted(per_step.items()))
+        if not self._started:
+            self._rewrite()
+        elif len(self.rows) > self._written:
+            with self.csv_path.open("a") as fh:
+                fh.write("".join(row.csv() for row in self.rows[self._written :]))
+            self._written = len(self.rows)
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
         self._step = trainer.global_step + 1  # the optimizer step this micro-batch belongs to (1-based)
+        if trainer.is_global_zero and self._step not in self._lrs:
+            groups = getattr(getattr(module, "optimizer", None), "param_groups", None)
+            if groups:  # host floats, set by the schedulers: the rate this step trains with
+                self._lrs[self._step] = max(float(group["lr"]) for group in groups)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
@@ -93,38 +139,29 @@ class LossCurve(pl.Callback):
         loss = getattr(module, "last_loss", None)
         if loss is None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged below
+        if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged when read
             self._pending.append((self._step, loss.detach()))
             if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and trainer.global_step > self._read_at:
                 self._read_at = trainer.global_step
-                self._flush()
+                self.read(trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:  # a run resumed from this checkpoint keeps the rows up to it
+            self.read(trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self._flush()
-        if not trainer.is_global_zero or not self.losses:
-            return
-        import matplotlib
+        if trainer.is_global_zero:
+            self.read(trainer.global_step)  # a step stopped in the middle of its accumulation is not a step
+            self._ended = True
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def on_fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # after every callback's on_train_end: val_loss.csv (text pretraining) is written by then
+        if self._ended and self.rows:
+            self.render()
 
-        per_step: dict[int, list[float]] = {}
-        for step, loss in zip(self.steps, self.losses, strict=True):
-            per_step.setdefault(step, []).append(loss)
-        steps = sorted(per_step)
-        means = [sum(per_step[s]) / len(per_step[s]) for s in steps]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        rows = "".join(f"{s},{v}\n" for s, v in zip(steps, means, strict=True))
-        (self.directory / "loss.csv").write_text("step,loss\n" + rows)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(steps, means)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_yscale("log")
-        ax.grid(True, alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.directory / "loss.png", dpi=100)
-        plt.close(fig)
+    def render(self) -> Any:
+        """Draw ``loss.csv`` (and ``val_loss.csv`` when there is one) into ``loss.png``; the matplotlib Figure."""
+        return render(self.csv_path, self.directory / "loss.png", title=self.title, vocab_size=self.vocab_size)
 
 
 class PeriodicCheckpoint(pl.Callback):
@@ -172,30 +209,45 @@ class PeriodicCheckpoint(pl.Callback):
         self._save(trainer)
 
 
-def consumed_samples(checkpoint_dir: str | Path | None, global_batch_size: int) -> int:
-    """Global samples consumed by the run a checkpoint belongs to (0 without a checkpoint)."""
-    if checkpoint_dir is None:
-        return 0
+def checkpoint_step(checkpoint_dir: str | Path) -> int:
+    """The optimizer step a dist checkpoint was saved at (its ``global_step``)."""
     from megatron.core import dist_checkpointing
 
     from neva_tools.checkpoint.safe_dist import check_directory
 
     check_directory(checkpoint_dir)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir)).get("common", {})
-    return int(common.get("global_step", 0)) * global_batch_size
+    return int(common.get("global_step", 0))
+
+
+def consumed_samples(checkpoint_dir: str | Path | None, global_batch_size: int) -> int:
+    """Global samples consumed by the run a checkpoint belongs to (0 without a checkpoint)."""
+    if checkpoint_dir is None:
+        return 0
+    return checkpoint_step(checkpoint_dir) * global_batch_size
 
 
 def make_trainer(
-    settings: TrainerSettings, log_dir: str | Path, callbacks: list[pl.Callback] | None = None
+    settings: TrainerSettings,
+    log_dir: str | Path,
+    callbacks: list[pl.Callback] | None = None,
+    *,
+    run: RunInfo | None = None,
 ) -> pl.Trainer:
     """A ``Trainer`` for this process under torchrun/srun or alone (CPU: gloo).
 
     Lightning runs in fp32 ("32-true") without gradient clipping or accumulation of its own: the module trains
     through megatron-core (``Float16Module`` for bf16/fp16 weights, megatron-core's optimizer and clipping) and
     accumulates micro-batches itself, from the strategy's :class:`~neva_tools.train.strategy.EngineSettings`.
+    Rank 0 reports through our own callbacks instead of Lightning's bar: the start summary
+    (:class:`~neva_tools.train.summary.RunSummary`), the loss curve and the progress
+    (:class:`~neva_tools.train.progress.TrainProgress`: a bar on a terminal when ``settings.progress``, else log
+    lines). ``run`` names the run and its vocabulary for the summaries and the loss curve.
     """
-    from pytorch_lightning.callbacks import TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from neva_tools.train.progress import TrainProgress
+    from neva_tools.train.summary import RunSummary
 
     world = world_size()
     log_dir = Path(log_dir)
@@ -206,8 +258,9 @@ def make_trainer(
                             loss_scale_window=settings.loss_scale_window, hysteresis=settings.hysteresis)  # fmt: skip
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
                                 seed=settings.seed, engine=engine)  # fmt: skip
-    # the bar reads the logged loss from the device when it refreshes: as often as the metrics are logged
-    progress = [TQDMProgressBar(refresh_rate=max(1, settings.log_every_n_steps))] if settings.progress else []
+    dp = world // (settings.tensor_model_parallel_size * settings.pipeline_model_parallel_size)
+    curve = LossCurve(log_dir, title=run.title if run else "training loss", vocab_size=run.vocab_size if run else None)
+    ours = [curve, RunSummary(settings, run, log_dir), TrainProgress(curve, dp=dp, bar=settings.progress)]
     return pl.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=devices,
@@ -217,8 +270,8 @@ def make_trainer(
         max_steps=settings.max_steps,
         log_every_n_steps=settings.log_every_n_steps,
         logger=[CSVLogger(log_dir, name="csv"), TensorBoardLogger(log_dir, name="tensorboard")],
-        callbacks=[LossCurve(log_dir), *progress, *(callbacks or [])],
-        enable_progress_bar=settings.progress,
+        callbacks=[*ours, *(callbacks or [])],  # the curve first: it reads a step's losses before others use them
+        enable_progress_bar=False,  # TrainProgress instead (no "Epoch 0/-2"; lines in log files)
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -229,13 +282,45 @@ def make_trainer(
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, resume: Path | None, consumed: int, final: Any,
         log_dir: Path) -> Path | None:  # fmt: skip
-    """``trainer.fit`` from ``resume`` (or the start); returns ``final.output``, the run's ``.nemo`` on rank 0."""
+    """``trainer.fit`` from ``resume`` (or the start); returns ``final.output``, the run's ``.nemo`` on rank 0.
+
+    A run whose checkpoint already reached ``trainer.max_steps`` does nothing: it says so and returns the ``.nemo``
+    it wrote then (``final.path``). Global rank 0 logs the end-of-run summary.
+    """
+    from neva_tools.model.parallel import launch_env
+    from neva_tools.train.summary import RunSummary, end_text, log_lines
+
+    rank0 = launch_env().rank == 0
     if resume is not None:
-        logger.info("resuming from %s (%d samples consumed)", resume, consumed)
+        step = checkpoint_step(resume)
+        if step >= trainer.max_steps:
+            return _finished(trainer.max_steps, step, resume, Path(final.path), rank0)
+        logger.info("resuming from %s (step %d, %d samples consumed)", resume, step, consumed)
     trainer.fit(module, ckpt_path=str(resume) if resume else None)
-    if final.output is not None:
-        logger.info("final model: %s; logs and loss.png: %s", final.output, log_dir)
+    curve = next((c for c in trainer.callbacks if isinstance(c, LossCurve)), None)
+    summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+    if rank0 and curve is not None and summary is not None:
+        text = end_text(summary.run, step=trainer.global_step, max_steps=trainer.max_steps,
+                        start_step=summary.start_step, seconds=summary.elapsed(), rows=curve.rows,
+                        nemo=final.output, log_dir=Path(log_dir),
+                        val=read_val_loss(Path(log_dir) / "val_loss.csv"))  # fmt: skip
+        log_lines(text)
     return final.output
+
+
+def _finished(max_steps: int, step: int, resume: Path, nemo: Path, rank0: bool) -> Path | None:
+    """A re-run of a finished run: the message, and its ``.nemo`` (on rank 0)."""
+    from neva_tools.errors import NevaError
+
+    past = f" (its checkpoint {resume} is at step {step})" if step > max_steps else ""
+    if not nemo.is_file():
+        raise NevaError(f"the run already reached max_steps ({max_steps}){past}, but its final model {nemo} is "
+                        f"missing (the run stopped while writing it?); raise trainer.max_steps to train on and write "
+                        f"it, or use another name=")  # fmt: skip
+    if rank0:
+        logger.warning("nothing to do: the run already reached max_steps (%d)%s; raise trainer.max_steps to "
+                       "continue, or use another name=. Final model: %s", max_steps, past, nemo)  # fmt: skip
+    return nemo if rank0 else None
 
 
 def loader_workers(num_workers: int) -> dict[str, Any]:

@@ -4,7 +4,10 @@ Reads the flags of LLaVA / LLaVA-NeXT ``llava/train/train.py`` (``train_mem.py``
 ``train_qwen.py`` where they fit (``--tune_mm_llm/--tune_mm_vision/--tune_mm_mlp``, ``--dataset_use``,
 ``--vision_tower_lr``), Hugging Face style: ``--flag value``, ``--flag=value``, a bare ``--flag`` for true. Every
 flag maps to ``key=value`` overrides of ``conf/neva_config.yaml``, is accepted with no effect (listed once in one
-note), or is refused at a value this engine does not train (AnyRes, patch tokens, evaluation during training).
+note), or is refused at a value this engine does not train (patch tokens, evaluation during training). LLaVA-NeXT's
+AnyRes flags map to ``model.data.image_aspect_ratio`` / ``image_grid_pinpoints`` and
+``model.mm_cfg.mm_patch_merge_type`` (``neva_tools.data.anyres``); a pinpoint list, LLaVA's (width, height), is
+written as [height, width] pairs.
 Unknown flags are one error listing all of them.
 
 Defaults follow LLaVA/Hugging Face where they change what is trained: 3 epochs, lr 5e-5, Adam betas (0.9, 0.999),
@@ -14,6 +17,10 @@ size`` (every process data-parallel, as DeepSpeed), the world size from ``--npro
 launcher's ``WORLD_SIZE``, else 1. ``--deepspeed`` (zero2/zero3 json, not read) selects the distributed optimizer:
 optimizer state and fp32 master weights sharded over data-parallel ranks (ZeRO-1/2; weights are not sharded as in
 ZeRO-3: use ``model.tensor_model_parallel_size`` for models too big for one device).
+``--group_by_modality_length True`` gives batches of one modality grouped by length (``train.sampler``).
+``--mm_use_im_start_end True`` wraps images in LLaVA-1's ``<im_start>``/``<im_end>``
+(``model.mm_cfg.im_start_end_tokens``), which the tokenizer must hold: ``--tokenizer FILE`` (this tool's flag,
+``model.tokenizer.model``) trains with one that has them instead of the LLM ``.nemo``'s.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ from neva_tools.errors import NevaError
 #: Flags accepted with no effect here, and why.
 INERT = {
     "lazy_preprocess": "records and images are always read lazily",
-    "group_by_modality_length": "batches are not grouped by modality or length",
     "per_device_eval_batch_size": "there is no evaluation during training",
     "attn_implementation": "attention is megatron-core's",
     "torch_compile": "nothing is compiled",
@@ -41,7 +47,6 @@ INERT = {
     "local_rank": "ranks come from the launcher's environment",
     "optim": "the optimizer is megatron-core's Adam with decoupled weight decay",
     "remove_unused_columns": "no HF datasets columns",
-    "image_grid_pinpoints": "AnyRes is not trained",
     "max_pixels": "images are resized to the vision encoder's input size",
     "min_pixels": "images are resized to the vision encoder's input size",
     "video_max_frames": "no video",
@@ -56,7 +61,6 @@ INERT = {
 ONLY = {
     "mm_use_im_patch_token": ("false", "image patch tokens (<im_patch>) are not used by this model"),
     "mm_vision_select_feature": ("patch", "the vision features are the patch tokens (CLIP's class token is dropped)"),
-    "mm_patch_merge_type": ("flat", "AnyRes tiles (spatial_unpad) are not trained: one image, one tile"),
     "evaluation_strategy": ("no", "there is no evaluation during training; run neva eval on the final .nemo"),
     "eval_strategy": ("no", "there is no evaluation during training; run neva eval on the final .nemo"),
     "lora_enable": ("false", "LoRA is not trained here"),
@@ -242,6 +246,8 @@ def _template(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
 
 
 def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
+    from neva_tools.data.templates import LLAVA_IM_TOKENS
+
     path, names = flags.take("data_path"), flags.take("dataset_use")
     if path is not None and names is not None:
         raise NevaError("--data_path and --dataset_use are both given: use one (a file, or registry names a%50,b)")
@@ -253,11 +259,7 @@ def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
     o["model.data.data_path"] = path if path is not None else names
     if flags.has("image_folder"):
         o["model.data.image_folder"] = flags.take("image_folder")
-    aspect = str(flags.take("image_aspect_ratio", "square"))
-    if aspect.startswith("anyres"):
-        raise NevaError(f"--image_aspect_ratio {aspect}: AnyRes (LLaVA-NeXT's image tiles) is not trained here; use "
-                        "pad or square")  # fmt: skip
-    o["model.data.image_aspect_ratio"] = aspect
+    _anyres(flags, o)
     if flags.has("model_max_length"):
         o["model.data.max_seq_length"] = flags.num("model_max_length", kind=int)
     if flags.has("dataloader_num_workers"):
@@ -265,11 +267,51 @@ def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
     packed = [flags.flag(n, False) for n in ("data_flatten", "data_packing")]
     if any(packed):
         o["model.data.packing"] = True
+    if flags.has("group_by_modality_length"):
+        o["model.data.group_by_modality_length"] = flags.flag("group_by_modality_length")
+        if o["model.data.group_by_modality_length"] and any(packed):
+            raise NevaError("--group_by_modality_length True with --data_flatten/--data_packing: a packed row "
+                            "mixes image and text-only samples, so batches cannot hold one modality; drop one of "
+                            "them")  # fmt: skip
+    if flags.has("tokenizer"):  # this tool's flag: a tokenizer other than the LLM .nemo's
+        o["model.tokenizer.model"] = flags.take("tokenizer")
     if flags.has("mm_use_im_start_end"):
         o["model.mm_cfg.use_im_start_end"] = flags.flag("mm_use_im_start_end")
         if o["model.mm_cfg.use_im_start_end"]:
-            notes.append("--mm_use_im_start_end True: images are wrapped in NeMo's <extra_id_4> ... <extra_id_5> "
-                         "(LLaVA's <im_start>/<im_end>); the tokenizer must hold them")  # fmt: skip
+            o["model.mm_cfg.im_start_end_tokens"] = list(LLAVA_IM_TOKENS)
+            quoted = " ".join(shlex.quote(t) for t in LLAVA_IM_TOKENS)
+            notes.append(f"--mm_use_im_start_end True: images are wrapped in LLaVA's {' ... '.join(LLAVA_IM_TOKENS)}, "
+                         "which the tokenizer must hold (LLaVA adds them itself); add them once with `neva tokenizer "
+                         f"add-tokens --input TOKENIZER --output tok_llava.model --tokens {quoted}` and pass "
+                         "--tokenizer tok_llava.model")  # fmt: skip
+
+
+def _anyres(flags: _Flags, o: dict[str, Any]) -> None:
+    """``--image_aspect_ratio``, ``--image_grid_pinpoints`` and ``--mm_patch_merge_type`` (LLaVA-NeXT's AnyRes)."""
+    import ast
+
+    from neva_tools.data.anyres import ASPECTS, MERGE_TYPES, parse_aspect
+
+    aspect = str(flags.take("image_aspect_ratio", "square"))
+    try:
+        parse_aspect(aspect)
+    except NevaError:
+        raise NevaError(f"--image_aspect_ratio {aspect} is not trained here; use one of {', '.join(ASPECTS)}") from None
+    o["model.data.image_aspect_ratio"] = aspect
+    pinpoints = flags.take("image_grid_pinpoints")
+    if pinpoints is not None and "x" in pinpoints:  # LLaVA-NeXT's "(1x1),...,(6x6)": read as LLaVA-NeXT reads it
+        o["model.data.image_grid_pinpoints"] = pinpoints.strip()
+    elif pinpoints is not None:
+        try:
+            pairs = [(int(w), int(h)) for w, h in ast.literal_eval(pinpoints)]
+        except (ValueError, SyntaxError, TypeError):
+            raise NevaError(f"--image_grid_pinpoints {pinpoints!r} is neither LLaVA's list of (width, height) pixel "
+                            "pairs nor the range \"(1x1),...,(6x6)\"") from None  # fmt: skip
+        o["model.data.image_grid_pinpoints"] = [[h, w] for w, h in pairs]  # ours are [height, width]
+    merge = str(flags.take("mm_patch_merge_type", "flat"))
+    if merge not in MERGE_TYPES:
+        raise NevaError(f"--mm_patch_merge_type {merge} is not trained here; use one of {', '.join(MERGE_TYPES)}")
+    o["model.mm_cfg.mm_patch_merge_type"] = merge
 
 
 def _trainable(flags: _Flags, o: dict[str, Any]) -> None:

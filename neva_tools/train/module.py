@@ -66,8 +66,12 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     loss_mask = batch.get("loss_mask", (labels != -100).float())
     attention_mask = batch.get("attention_mask")
     cu_seqlens = batch.get("cu_seqlens") or []
+    tiles = batch.get("num_image_tiles")
     if attention_mask is None and any(cu is not None for cu in cu_seqlens):
-        attention_mask = packed_attention_mask(batch["input_ids"], cu_seqlens, inner.img_seq_len,
+        widths = batch.get("image_tokens")  # each image's embeddings (AnyRes: per image), else tiles × img_seq_len
+        if widths is None:
+            widths = inner.img_seq_len if tiles is None else tiles * inner.img_seq_len
+        attention_mask = packed_attention_mask(batch["input_ids"], cu_seqlens, widths,
                                                inner.image_token_index)  # fmt: skip
         # LLaVAModel cuts the combined rows (padding included) at the LLM's maximum length; cut the mask alike
         limit = inner.language_model.max_sequence_length
@@ -79,7 +83,8 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
         attention_mask,
         labels=torch.where(loss_mask > 0, labels, IGNORE_INDEX),  # no logits where there is no loss
         loss_mask=loss_mask,
-        num_image_tiles=batch.get("num_image_tiles"),
+        num_image_tiles=tiles,
+        **({"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}),
     )
     tokens = new_mask.sum()
     loss = (out.float() * new_mask).sum() / tokens.clamp(min=1)

@@ -124,6 +124,56 @@ def _vision_source(vision: DictConfig) -> tuple[str, str | None]:
     return name, checkpoint
 
 
+#: What the LLM probe of a NeVA ``.nemo`` is called (present iff the file stores the LLM).
+_LLM_PROBE = "model.embedding.word_embeddings.weight"
+
+
+def trained_tower(m: DictConfig, arch: Any, select: int) -> tuple[str, dict[str, Any]] | None:
+    """(path, full ``CLIPViTModel`` tensors) of the trained vision tower this stage starts from, else None.
+
+    A NeVA ``.nemo`` holding a tower (``neva_tools.checkpoint.nemo_vision``) as ``model.mm_cfg.pretrain_mm_mlp_adapter``
+    (looked at first: the projector comes from it) or ``model.mm_cfg.llm.from_pretrained`` gives the tower's weights;
+    ``vision_encoder.from_pretrained`` still gives the architecture (checked equal) and the image processing. A NeVA
+    ``.nemo`` that trained its tower without storing it (written before towers were stored) is refused while
+    ``vision_encoder.from_pretrained`` is the tower it started from; any other tower is taken as given.
+    """
+    from neva_tools.checkpoint import nemo_vision
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.checkpoint.nemo_tensors import model_config
+    from neva_tools.model.projector_io import is_llava_file
+
+    given = m.mm_cfg.vision_encoder.from_pretrained
+    for key in ("pretrain_mm_mlp_adapter", "llm.from_pretrained"):
+        path = OmegaConf.select(m.mm_cfg, key)
+        if path is None or is_llava_file(path) or not Path(path).is_file():
+            continue
+        with NemoArchive(path) as archive:
+            cfg = model_config(archive)
+            if not isinstance(cfg.get("mm_cfg"), dict):
+                continue  # an LLM .nemo
+            names = set(archive.lazy_legacy(0, 0).keys()) if archive.layout == "legacy" else set()
+            tower = nemo_vision.read_tower(archive)
+        where = f"model.mm_cfg.{key} ({path})"
+        if key == "pretrain_mm_mlp_adapter" and _LLM_PROBE in names and str(m.mm_cfg.llm.from_pretrained) != str(path):
+            logger.warning("%s holds trained LLM weights, but the LLM comes from model.mm_cfg.llm.from_pretrained "
+                           "(%s); set model.mm_cfg.llm.from_pretrained=%s to continue from them", where,
+                           m.mm_cfg.llm.from_pretrained, path)  # fmt: skip
+        started = (cfg["mm_cfg"].get("vision_encoder") or {}).get("from_pretrained")
+        if tower is None:
+            bypass = "set model.mm_cfg.vision_encoder.from_pretrained to the trained tower"
+            nemo_vision.check_trained_tower(cfg, nemo_vision.holds_tower(names), where,
+                                            bypass=bypass if str(started) == str(given) else None)  # fmt: skip
+            continue
+        if tower.arch != arch:
+            raise NevaError(f"{where} stores a trained vision tower {tower.arch}, but model.mm_cfg.vision_encoder."
+                            f"from_pretrained ({given}) is {arch}; set it to the tower {path} was trained from "
+                            f"({started})")  # fmt: skip
+        logger.info("vision tower weights from %s, where the tower was trained; model.mm_cfg.vision_encoder."
+                    "from_pretrained (%s) gives its architecture and image processing", where, given)  # fmt: skip
+        return str(path), tower.for_layer(select)
+    return None
+
+
 def _datasets(cfg: DictConfig) -> list[Any]:
     from neva_tools.data.registry import DatasetSpec, DatasetUse, load_registry, parse_dataset_list
 
@@ -172,8 +222,11 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     from megatron.core import parallel_state
     from torch.utils.data import DataLoader
 
+    from neva_tools.checkpoint.nemo_vision import arch_record
+    from neva_tools.data.anyres import ImageLayout
     from neva_tools.data.dataset import NevaDataset, PackedNevaDataset, collate
     from neva_tools.data.images import ImageProcessor
+    from neva_tools.data.templates import image_wrap
     from neva_tools.mappings.siglip import vision_model_type
     from neva_tools.model import neva_io
     from neva_tools.model.added_vocab import plan_notes, vocab_plan
@@ -193,8 +246,9 @@ def _train_neva(cfg: DictConfig) -> Path | None:
         make_trainer,
     )
     from neva_tools.train.module import NevaModule, ScheduleSettings
-    from neva_tools.train.sampler import ResumableSampler
+    from neva_tools.train.sampler import ModalityGroupedSampler, ResumableSampler, grouped_epoch_size
     from neva_tools.train.steps import run_length
+    from neva_tools.train.summary import run_info
     from neva_tools.train.validate import advisories, check_config
 
     for note in advisories(cfg):
@@ -219,17 +273,27 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     state, arch, kind = read_clip_vision(source, pretrained=pretrained)  # CLIP or SigLIP
     vision_full = vision_state_to_mcore(state, arch, kind, select_layer=select)
     del state
+    tower_from = trained_tower(m, arch, select)  # a NeVA .nemo this stage starts from may hold a trained tower
+    if tower_from is not None:
+        vision_full = tower_from[1]
     image_tokens = (arch.image_size // arch.patch_size) ** 2
-    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio)
+    layout = ImageLayout.from_config(m.data, m.mm_cfg, arch.image_size, arch.patch_size)  # AnyRes, patch merge
+    processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio,
+                                           layout=layout)  # fmt: skip
     dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
                           image_tokens=image_tokens,
-                          im_start_end=bool(OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False)))  # fmt: skip
+                          im_start_end=image_wrap(m.mm_cfg) or False)  # fmt: skip
     if m.data.packing:
         dataset = PackedNevaDataset(dataset, int(m.data.max_seq_length))
         logger.info("packed %d samples into %d rows of %d tokens (%.0f%% full)", len(dataset.base), len(dataset),
                     dataset.plan.capacity, 100 * dataset.plan.fill_ratio)  # fmt: skip
-    length = run_length(cfg, len(dataset), what="packed rows" if m.data.packing else "samples")  # epochs, warmup
+    grouped = bool(OmegaConf.select(m, "data.group_by_modality_length", default=False))  # not with packing
+    images, lengths = dataset.modality_lengths() if grouped else ([], [])
+    samples, what = len(dataset), "packed rows" if m.data.packing else "samples"
+    if grouped:  # an epoch: each modality's samples filled up to whole global batches
+        samples, what = grouped_epoch_size(images, int(m.global_batch_size)), "samples, per modality whole batches"
+    length = run_length(cfg, samples, what=what)  # epochs, warmup
     projector = str(m.mm_cfg.mm_mlp_adapter_type)
     freeze_llm, freeze_vision = bool(m.mm_cfg.llm.freeze), bool(m.mm_cfg.vision_encoder.freeze)
     freeze_projector = bool(OmegaConf.select(m, "mm_cfg.freeze_mm_mlp_adapter", default=False))
@@ -242,7 +306,8 @@ def _train_neva(cfg: DictConfig) -> Path | None:
         adapter = m.mm_cfg.pretrain_mm_mlp_adapter
         model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
                                    projector_type=projector, projector_from=adapter,
-                                   recompute=recompute_keys(m), vocab_size=plan.vocab)  # fmt: skip
+                                   recompute=recompute_keys(m), vocab_size=plan.vocab,
+                                   image_layout=layout)  # fmt: skip
         mask_padded_vocab(model.language_model.output_layer, plan.vocab)  # the model's vocabulary's loss, at any TP
         freeze(model, llm=freeze_llm, vision=freeze_vision, projector=freeze_projector)
         return model
@@ -260,9 +325,15 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     pad_id = text_tokenizer.pad_id
 
     def loader() -> DataLoader:
-        sampler = ResumableSampler(len(dataset), dp_rank=parallel_state.get_data_parallel_rank(),
-                                   dp_size=parallel_state.get_data_parallel_world_size(), seed=int(m.seed),
-                                   consumed_samples=consumed)  # fmt: skip
+        dp = {"dp_rank": parallel_state.get_data_parallel_rank(),
+              "dp_size": parallel_state.get_data_parallel_world_size()}  # fmt: skip
+        if grouped:  # LLaVA's --group_by_modality_length: one modality per global batch
+            sampler: ResumableSampler = ModalityGroupedSampler(
+                images, lengths, micro_batch_size=settings.micro_batch_size,
+                global_batch_size=settings.global_batch_size, seed=int(m.seed), consumed_samples=consumed, **dp,
+            )  # fmt: skip
+        else:
+            sampler = ResumableSampler(len(dataset), seed=int(m.seed), consumed_samples=consumed, **dp)
         return DataLoader(dataset, batch_size=settings.micro_batch_size, sampler=sampler,
                           collate_fn=functools.partial(collate, pad_id=pad_id),
                           **loader_workers(int(m.data.num_workers)))  # fmt: skip
@@ -272,17 +343,21 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=length.warmup_steps,
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
     module = NevaModule(build, optim, sched, loader=loader)
-    vision_info = {"image_size": arch.image_size, "patch_size": arch.patch_size, "source": str(source)}
+    vision_info = {"image_size": arch.image_size, "patch_size": arch.patch_size, "source": str(source),
+                   "arch": arch_record(arch)}  # fmt: skip
+    if tower_from is not None:
+        vision_info["weights_from"] = tower_from[0]
     trained_in = {"32": 32, "bf16": "bf16", "fp16": 16}[settings.precision]  # the dtype of the saved weights (NeMo)
     # vocab_size: the model's vocabulary, added tokens included (what every reader of the .nemo loads)
     final_cfg = {**llm_cfg, "mm_cfg": OmegaConf.to_container(m.mm_cfg), "data": OmegaConf.to_container(m.data),
                  "vision": vision_info, "precision": trained_in, "vocab_size": plan.vocab}  # fmt: skip
+    # The tower is stored when it trained here or came trained from a .nemo: readers never fall back to the original.
     final = FinalNemo(run_dir / f"{cfg.name}.nemo", final_cfg, include_llm=not freeze_llm, projector=projector,
-                      tokenizer=tokenizer)  # fmt: skip
+                      tokenizer=tokenizer, include_vision=not freeze_vision or tower_from is not None)  # fmt: skip
     every = int(cfg.exp_manager.checkpoint_every_n_steps)
     keep = int(OmegaConf.select(cfg, "exp_manager.save_top_k", default=-1))
     callbacks = [PeriodicCheckpoint(run_dir / "checkpoints", every, keep=keep, protect=resume), final]
-    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
+    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks, run=run_info(cfg, plan.vocab))
     return fit(trainer, module, resume, consumed, final, run_dir / "logs")
 
 
@@ -290,9 +365,9 @@ class FinalNemo(pl.Callback):
     """Writes the run's NeVA ``.nemo`` when training ends (while the parallel groups still exist)."""
 
     def __init__(self, path: Path, config: dict[str, Any], *, include_llm: bool, projector: str,
-                 tokenizer: Path) -> None:  # fmt: skip
+                 tokenizer: Path, include_vision: bool = False) -> None:  # fmt: skip
         self.path, self.config, self.include_llm = path, config, include_llm
-        self.projector, self.tokenizer = projector, tokenizer
+        self.projector, self.tokenizer, self.include_vision = projector, tokenizer, include_vision
         self.output: Path | None = None
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -300,4 +375,5 @@ class FinalNemo(pl.Callback):
 
         module.gather_weights()  # the weights of the last step (overlap_param_gather)
         self.output = neva_io.save_neva_nemo(module.model, self.path, self.config, include_llm=self.include_llm,
-                                             projector_type=self.projector, tokenizer=self.tokenizer)  # fmt: skip
+                                             projector_type=self.projector, tokenizer=self.tokenizer,
+                                             include_vision=self.include_vision)  # fmt: skip

@@ -77,6 +77,12 @@ class TextValidation(pl.Callback):
         for log in trainer.loggers:
             log.log_metrics({"val_loss": value}, step=step)
 
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from neva_tools.train.loss_plot import read_val_loss
+
+        if trainer.global_step:  # resumed: val_loss.csv keeps the losses up to the checkpoint (the whole run)
+            self.history = read_val_loss(self.directory / "val_loss.csv", upto=trainer.global_step)
+
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
         self._step_before = trainer.global_step
@@ -150,6 +156,7 @@ def train_text(cfg: DictConfig) -> Path | None:
     )
     from neva_tools.train.sampler import ResumableSampler
     from neva_tools.train.steps import run_length
+    from neva_tools.train.summary import run_info
     from neva_tools.train.text_mixture import apply_mixture
     from neva_tools.train.text_validate import text_problems
 
@@ -228,5 +235,5 @@ def train_text(cfg: DictConfig) -> Path | None:
     keep = int(OmegaConf.select(cfg, "exp_manager.save_top_k", default=-1))
     periodic = PeriodicCheckpoint(run_dir / "checkpoints", every_save, keep=keep, protect=resume)
     callbacks = [validation, periodic, final]
-    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks)
+    trainer = make_trainer(settings, run_dir / "logs", callbacks=callbacks, run=run_info(cfg, vocab))
     return fit(trainer, module, resume, consumed, final, run_dir / "logs")

@@ -1,17 +1,18 @@
 """``neva config validate``: everything about a training config that can be checked without GPUs.
 
 Offline rules read no referenced file: batch sizes (and, given the processes per node, divisibility by
-micro × data-parallel size), schedule, names of templates/projectors/precisions/optimizers/aspect modes, and the vision
-encoder when it is an open_clip model name (its config ships with open_clip). ``neva train`` runs every rule
-before it starts; :func:`advisories` lists valid but unusual settings (notes, not errors).
-With ``offline=False`` the referenced files are read too: the LLM ``.nemo`` (TP divides its heads, query
-groups and FFN; ``max_seq_length`` fits its ``encoder_seq_length``), the tokenizer (it holds every template's
-special tokens, EOS and, with ``mm_cfg.use_im_start_end``, ``<extra_id_4/5>``; tokens beyond the LLM's vocabulary
-get rows of their own), the vision encoder's config (TP divides its heads and FFN, ``vision_select_layer`` is in
-range, an image's tokens, with the two around it under ``use_im_start_end``, fit ``max_seq_length``), the stage-1
-projector (its sizes match both models) and the data (annotation files and image folders exist). Every
-problem names the key and the values involved. ``model.text_pretrain.enabled`` configs get the text rules
-of ``neva_tools.train.text_validate`` instead of the NeVA-only ones.
+micro × data-parallel size), schedule, names of templates/projectors/precisions/optimizers/aspect modes, the image
+start/end tokens, ``group_by_modality_length`` without packing, and the vision encoder when it is an open_clip model
+name (its config ships with open_clip). ``neva train`` runs every rule before it starts; :func:`advisories` lists
+valid but unusual settings (notes, not errors). With ``offline=False`` the referenced files are read too: the LLM
+``.nemo`` (TP divides its heads, query groups and FFN; ``max_seq_length`` fits its ``encoder_seq_length``), the
+tokenizer (it holds every template's special tokens, EOS and, with ``mm_cfg.use_im_start_end``, the two
+``mm_cfg.im_start_end_tokens``; tokens beyond the LLM's vocabulary get rows of their own), the vision encoder's
+config (TP divides its heads and FFN, ``vision_select_layer`` is in range, an image's tokens, with the two around it
+under ``use_im_start_end``, fit ``max_seq_length``), the stage-1 projector (its sizes match both models) and the data
+(annotation files and image folders exist). Every problem names the key and the values involved.
+``model.text_pretrain.enabled`` configs get the text rules of ``neva_tools.train.text_validate`` instead of the
+NeVA-only ones.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from neva_tools.config import derived
-from neva_tools.data.images import ASPECT_MODES
+from neva_tools.data.anyres import ASPECTS, ImageLayout, parse_aspect
 from neva_tools.data.template_aliases import ALIASES
-from neva_tools.data.templates import TEMPLATE_NAMES, get_template
+from neva_tools.data.templates import TEMPLATE_NAMES, get_template, image_wrap
 from neva_tools.errors import NevaError
 from neva_tools.model.neva import PROJECTOR_TYPES
 from neva_tools.model.recompute import recompute_settings
@@ -142,9 +143,21 @@ def _neva(cfg: DictConfig) -> list[str]:
     if str(m.mm_cfg.mm_mlp_adapter_type) not in PROJECTOR_TYPES:
         problems.append(f"model.mm_cfg.mm_mlp_adapter_type ({m.mm_cfg.mm_mlp_adapter_type}) is not one of "
                         f"{', '.join(PROJECTOR_TYPES)}")  # fmt: skip
-    if str(m.data.image_aspect_ratio) not in ASPECT_MODES:
+    try:
+        parse_aspect(str(m.data.image_aspect_ratio))
+    except NevaError:
         problems.append(f"model.data.image_aspect_ratio ({m.data.image_aspect_ratio}) is not one of "
-                        f"{', '.join(ASPECT_MODES)}")  # fmt: skip
+                        f"{', '.join(ASPECTS)} (N: a positive integer)")  # fmt: skip
+    else:
+        problems += _layout(m, 1, 1)[1]  # pinpoints' form, merge type, their combination (sizes: _vision_rules)
+    if OmegaConf.select(m, "data.group_by_modality_length", default=False) and m.data.packing:
+        problems.append("model.data.group_by_modality_length and model.data.packing are both true: a packed row "
+                        "already mixes image and text-only samples, so batches cannot hold one modality; set one of "
+                        "them to false")  # fmt: skip
+    try:
+        image_wrap(mm)  # im_start_end_tokens: two distinct tokens
+    except NevaError as exc:
+        problems.append(str(exc))
     return problems
 
 
@@ -160,8 +173,17 @@ def advisories(cfg: DictConfig) -> list[str]:
     return notes
 
 
+def _layout(m: DictConfig, image_size: int, patch_size: int) -> tuple[ImageLayout | None, list[str]]:
+    """The AnyRes / patch-merge layout of ``model`` for an encoder's sizes, or None and the problem."""
+    try:
+        return ImageLayout.from_config(m.data, m.mm_cfg, image_size, patch_size), []
+    except NevaError as exc:
+        return None, [str(exc)]
+
+
 def _vision_rules(cfg: DictConfig, arch: Any) -> list[str]:
-    """TP divides the vision heads and FFN; the selected layer exists; an image fits the sequence."""
+    """TP divides the vision heads and FFN; the selected layer exists; an image fits the sequence (with AnyRes: the
+    largest an image can become, :meth:`neva_tools.data.anyres.ImageLayout.max_tokens`)."""
     from neva_tools.checkpoint import tp as tp_rules
 
     m, problems = cfg.model, []
@@ -178,8 +200,19 @@ def _vision_rules(cfg: DictConfig, arch: Any) -> list[str]:
         problems.append(f"model.mm_cfg.vision_encoder.vision_select_layer: {exc}")
     seq = int(m.data.max_seq_length)
     wrapped = 2 if OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False) else 0  # <extra_id_4/5> around it
-    if arch.num_patches + wrapped >= seq:
-        extra = " + 2 (model.mm_cfg.use_im_start_end)" if wrapped else ""
+    layout, found = _layout(m, arch.image_size, arch.patch_size)
+    if not _layout(m, 1, 1)[1]:  # else _neva reported it already
+        problems += found
+    most = arch.num_patches if layout is None else layout.max_tokens()
+    extra = " + 2 (model.mm_cfg.use_im_start_end)" if wrapped else ""
+    if most + wrapped >= seq and most == arch.num_patches:
         problems.append(f"an image becomes {arch.num_patches + wrapped} tokens ((image_size {arch.image_size} / patch "
                         f"{arch.patch_size})²{extra}), not less than model.data.max_seq_length ({seq})")  # fmt: skip
+    elif most + wrapped >= seq and layout is not None:
+        largest = max(layout.pinpoints, key=lambda p: p[0] * p[1], default=None) if layout.tiled else None
+        canvas = f", canvases up to {list(largest)} px" if largest else ""
+        problems.append(f"an image can become {most + wrapped} tokens (model.data.image_aspect_ratio {layout.aspect}"
+                        f"{canvas}, model.mm_cfg.mm_patch_merge_type {layout.merge}{extra}), not less than "
+                        f"model.data.max_seq_length ({seq}); raise max_seq_length, use smaller pinpoints or "
+                        "anyres_max_N (shrinks large grids with spatial_unpad)")  # fmt: skip
     return problems

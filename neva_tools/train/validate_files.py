@@ -2,7 +2,8 @@
 
 The vision encoder's config (not its weights), the data's annotation files and image folders, the LLM ``.nemo``
 (its config; TP divides heads, query groups and FFN; ``max_seq_length`` fits ``encoder_seq_length``), its
-tokenizer (holds EOS, every template's special tokens and, with ``mm_cfg.use_im_start_end``, ``<extra_id_4/5>``;
+tokenizer (holds EOS, every template's special tokens and, with ``mm_cfg.use_im_start_end``, the two
+``mm_cfg.im_start_end_tokens``, NeMo's ``<extra_id_4/5>`` or LLaVA-1's ``<im_start>``/``<im_end>``;
 NeVA gives tokens beyond the LLM's vocabulary rows of their own, see ``neva_tools.model.added_vocab``; text
 pretraining needs it to fit the vocabulary) and stage 1's projector (its sizes match both models). Each function
 returns problems naming the key and the values involved.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from neva_tools.config import derived
 from neva_tools.data.templates import get_template
@@ -131,7 +132,7 @@ def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, t
                neva: bool = True) -> list[str]:  # fmt: skip
     """The tokenizer holds EOS, the templates' special tokens and (``use_im_start_end``) the image start/end tokens;
     for text pretraining it fits the LLM's vocabulary (NeVA training gives added tokens rows of their own)."""
-    from neva_tools.data.templates import IM_END_TOKEN, IM_START_TOKEN, required_special_tokens
+    from neva_tools.data.templates import add_wrap_tokens_command, image_wrap, required_special_tokens
     from neva_tools.model import neva_io
     from neva_tools.tokenizer.text import TextTokenizer
 
@@ -156,13 +157,17 @@ def _tokenizer(cfg: DictConfig, llm: str, llm_cfg: dict[str, Any], vocab: int, t
         if missing:
             problems.append(f"tokenizer {path} lacks {missing} needed by template {template}; add them with neva "
                             "tokenizer add-tokens")  # fmt: skip
-    if neva and OmegaConf.select(m, "mm_cfg.use_im_start_end", default=False):
-        missing = [t for t in (IM_START_TOKEN, IM_END_TOKEN) if tok.token_id(t) is None]
+    try:
+        wrap = image_wrap(m.mm_cfg) if neva else None
+    except NevaError:
+        wrap = None  # a malformed im_start_end_tokens is a problem of validate._neva
+    if wrap is not None:
+        missing = [t for t in wrap if tok.token_id(t) is None]
         if missing:
             new = Path(path).with_name(f"{Path(path).stem}_neva{Path(path).suffix}")
             problems.append(f"model.mm_cfg.use_im_start_end is true but tokenizer {path} lacks {', '.join(missing)} "
-                            f"(every image is wrapped in {IM_START_TOKEN} ... {IM_END_TOKEN}); add them with `neva "
-                            f"tokenizer add-tokens --input {path} --output {new} --preset neva` and set "
+                            f"(every image is wrapped in {wrap[0]} ... {wrap[1]}, model.mm_cfg.im_start_end_tokens); "
+                            f"add them with `{add_wrap_tokens_command(path, new, wrap)}` and set "
                             f"model.tokenizer.model={new}")  # fmt: skip
     return problems
 

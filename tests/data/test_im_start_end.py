@@ -1,5 +1,6 @@
 """NeMo's ``mm_cfg.use_im_start_end``: every image between ``<extra_id_4>`` and ``<extra_id_5>`` in training data,
-prompts and the exported chat template; a tokenizer without them is a config problem naming the fix."""
+prompts and the exported chat template; a tokenizer without them is a config problem naming the fix. LLaVA-1's
+flavour (``mm_cfg.im_start_end_tokens: [<im_start>, <im_end>]``) the same way with its two tokens."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from neva_tools.data.templates import (
     IM_END_TOKEN,
     IM_START_TOKEN,
     IMAGE_TOKEN_INDEX,
+    LLAVA_IM_TOKENS,
     get_template,
+    image_wrap,
     marks_word_starts,
     tokenize_conversation,
 )
@@ -160,3 +163,95 @@ def test_image_tokens_plus_two_must_fit_max_seq_length() -> None:
     assert problems(False) == []
     assert problems(True) == ["an image becomes 578 tokens ((image_size 336 / patch 14)² + 2 (model.mm_cfg."
                               "use_im_start_end)), not less than model.data.max_seq_length (578)"]  # fmt: skip
+
+
+# LLaVA-1's flavour: --mm_use_im_start_end True wraps images in <im_start> ... <im_end> (mm_cfg.im_start_end_tokens)
+
+
+@pytest.fixture(scope="module")
+def llava_tok(shapes: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shapes tokenizer (320 pieces) plus LLaVA-1's ``<im_start>`` (320) and ``<im_end>`` (321)."""
+    from neva_tools.tokenizer.add_tokens import add_tokens
+
+    return add_tokens(shapes["tokenizer"], tmp_path_factory.mktemp("llava_im") / "tok_llava.model",
+                      list(LLAVA_IM_TOKENS)).output  # fmt: skip
+
+
+def test_im_start_end_tokens_come_from_the_config() -> None:
+    from neva_tools.config.load import load_config
+
+    def wrap(*overrides: str) -> tuple[str, str] | None:
+        return image_wrap(load_config(None, list(overrides)).model.mm_cfg)
+
+    assert wrap() is None and wrap("model.mm_cfg.im_start_end_tokens=[<im_start>,<im_end>]") is None
+    assert wrap("model.mm_cfg.use_im_start_end=true") == (IM_START_TOKEN, IM_END_TOKEN)  # NeMo's by default
+    assert wrap("model.mm_cfg.use_im_start_end=true", "model.mm_cfg.im_start_end_tokens=[<im_start>,<im_end>]") == (
+        "<im_start>", "<im_end>")  # fmt: skip
+    assert image_wrap({"use_im_start_end": True}) == (IM_START_TOKEN, IM_END_TOKEN)  # a .nemo saved before the key
+    for bad in ("[<im_start>]", "[<im_start>,<im_start>]", "<im_start>"):
+        with pytest.raises(NevaError, match=r"model.mm_cfg.im_start_end_tokens \(.*\) must be two distinct tokens"):
+            wrap("model.mm_cfg.use_im_start_end=true", f"model.mm_cfg.im_start_end_tokens={bad}")
+
+
+def test_collated_batch_has_llavas_tokens_around_each_image(shapes: dict, llava_tok: Path) -> None:
+    ds = _dataset(shapes, llava_tok, im_start_end=LLAVA_IM_TOKENS)
+    plain = _dataset(shapes, llava_tok)
+    batch = collate([ds[i] for i in range(4)], TextTokenizer(llava_tok).pad_id)
+    rows, cols = torch.nonzero(batch["input_ids"] == IMAGE_TOKEN_INDEX, as_tuple=True)
+    assert rows.tolist() == [0, 1, 2, 3] and len(batch["images"]) == 4
+    assert batch["input_ids"][rows, cols - 1].tolist() == [320] * 4
+    assert batch["input_ids"][rows, cols + 1].tolist() == [321] * 4
+    assert [len(ds[i]["input_ids"]) for i in range(4)] == [len(plain[i]["input_ids"]) + 2 for i in range(4)]
+
+
+def test_inference_prompt_has_llavas_tokens_like_training(llava_tok: Path) -> None:
+    tok = TextTokenizer(llava_tok)
+    trained = tokenize_conversation(QUESTION, "vicuna_v1", tok, im_start_end=LLAVA_IM_TOKENS)
+    prompt = generation_prompt(QUESTION[:1], "vicuna_v1", tok, im_start_end=LLAVA_IM_TOKENS)
+    answer_start = next(i for i, label in enumerate(trained.labels) if label != IGNORE_INDEX)
+    assert prompt.input_ids == trained.input_ids[:answer_start]
+    at = prompt.input_ids.index(IMAGE_TOKEN_INDEX)
+    assert prompt.input_ids[at - 1 : at + 2] == [320, IMAGE_TOKEN_INDEX, 321]
+
+
+def test_a_tokenizer_without_llavas_tokens_names_them_and_the_command(shapes: dict, neva_tok: Path) -> None:
+    for path in (shapes["tokenizer"], neva_tok):  # NeMo's <extra_id_4/5> are not LLaVA's tokens
+        with pytest.raises(NevaError) as err:
+            tokenize_conversation(QUESTION, "vicuna_v1", TextTokenizer(path), im_start_end=LLAVA_IM_TOKENS)
+        message = str(err.value)
+        assert f"in <im_start> ... <im_end>, but tokenizer {path} lacks <im_start>, <im_end>" in message
+        command = f"neva tokenizer add-tokens --input {path} --output NEW_TOKENIZER --tokens '<im_start>' '<im_end>'"
+        assert command in message
+
+
+def test_exported_chat_template_wraps_images_in_llavas_tokens(llava_tok: Path) -> None:
+    from neva_tools.export.chat_template import chat_template
+    from neva_tools.export.tokenizer import check_chat_template, ensure_image_token, hf_tokenizer
+
+    ours, tpl = TextTokenizer(llava_tok), get_template("vicuna_v1")
+    tok = hf_tokenizer(llava_tok, tpl)
+    image_id = ensure_image_token(tok)
+    jinja = chat_template(tpl, word_start_answers=marks_word_starts(ours), im_start_end=LLAVA_IM_TOKENS)
+    assert "<im_start><image><im_end>" in jinja and "<extra_id_4>" not in jinja
+    check_chat_template(tok, ours, tpl, jinja, image_id, im_start_end=LLAVA_IM_TOKENS)
+    nemo = chat_template(tpl, word_start_answers=marks_word_starts(ours), im_start_end=True)
+    with pytest.raises(NevaError, match="does not reproduce template"):
+        check_chat_template(tok, ours, tpl, nemo, image_id, im_start_end=LLAVA_IM_TOKENS)
+
+
+def test_config_problem_names_llavas_tokens_and_the_command(shapes: dict, llava_tok: Path, llm_nemo: Path) -> None:
+    from neva_tools.config.load import load_config
+    from neva_tools.train.validate_files import llm_problems
+
+    def problems(tokenizer: Path) -> list[str]:
+        cfg = load_config(None, [f"model.mm_cfg.llm.from_pretrained={llm_nemo}", f"model.tokenizer.model={tokenizer}",
+                                 "model.mm_cfg.use_im_start_end=true", "model.data.max_seq_length=128",
+                                 "model.mm_cfg.im_start_end_tokens=[<im_start>,<im_end>]"])  # fmt: skip
+        return [p for p in llm_problems(cfg, templates=["vicuna_v1"]) if "use_im_start_end" in p]
+
+    base = shapes["tokenizer"]
+    (found,) = problems(base)
+    new = base.with_name("tok_neva.model")
+    assert f"tokenizer {base} lacks <im_start>, <im_end> (every image is wrapped in <im_start> ... <im_end>" in found
+    assert f"neva tokenizer add-tokens --input {base} --output {new} --tokens '<im_start>' '<im_end>'" in found
+    assert problems(llava_tok) == []

@@ -169,7 +169,8 @@ def test_stage2_trains_the_added_rows(assets: dict[str, Any], runs: dict[str, An
 def test_generate_and_eval_load_the_added_vocabulary(assets: dict[str, Any], runs: dict[str, Any]) -> None:
     checks = run_distributed(inference_checks, 1, runs["stage1"], runs["stage2"], str(assets["extra_data"]),
                              str(assets["data"]["images"]), timeout=600)[0]  # fmt: skip
-    assert checks["vocab"] == (328, 328) and checks["wrap"] == (True, True)
+    nemo_wrap = ("<extra_id_4>", "<extra_id_5>")  # model.mm_cfg.im_start_end_tokens' default, kept in the .nemo
+    assert checks["vocab"] == (328, 328) and checks["wrap"] == (nemo_wrap, nemo_wrap)
     torch.testing.assert_close(checks["stage1_rows"][:328], runs["initial"][EMBEDDING], atol=0, rtol=0)
     assert 0 < checks["loss"] < 20  # records with <extra_id_1>: a finite loss over the 328-token vocabulary
     at = checks["prompt"].index(-200)

@@ -108,9 +108,10 @@ def test_versions(paths: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--image_aspect_ratio", "anyres_max_9"], "AnyRes"),
+        (["--image_aspect_ratio", "highres"], "--image_aspect_ratio highres is not trained here; use one of square"),
         (["--mm_use_im_patch_token", "True"], "--mm_use_im_patch_token True is not supported"),
-        (["--mm_patch_merge_type", "spatial_unpad"], "AnyRes tiles"),
+        (["--mm_patch_merge_type", "maxpool2x2"], "--mm_patch_merge_type maxpool2x2 is not trained here"),
+        (["--image_grid_pinpoints", "336,672"], "is neither LLaVA's list of (width, height) pixel pairs"),
         (["--evaluation_strategy", "steps"], "no evaluation during training"),
         (["--lr_scheduler_type", "linear"], "pass --lr_scheduler_type cosine"),
         (["--save_strategy", "epoch"], "--save_strategy epoch"),
@@ -145,3 +146,55 @@ def test_unknown_flags_are_listed_at_once(paths: Path) -> None:
                                         r"--lora_r; "):  # fmt: skip
         translate([*BASE, "--mm_resampler_type", "x", "--frames_upbound", "32", "--lazy_preprocess", "True",
                    "--lora_r", "8"])  # fmt: skip
+
+
+def test_group_by_modality_length_maps_to_its_key(paths: Path) -> None:
+    t = translate([*BASE, "--group_by_modality_length", "True"])
+    assert t.overrides["model.data.group_by_modality_length"] is True
+    assert not any("--group_by_modality_length" in n for n in t.notes)  # no longer listed as a flag with no effect
+    assert load_config(None, t.args()).model.data.group_by_modality_length is True
+    assert translate([*BASE, "--group_by_modality_length", "False"]).overrides[
+        "model.data.group_by_modality_length"] is False  # fmt: skip
+    with pytest.raises(NevaError, match="--group_by_modality_length True with --data_flatten/--data_packing"):
+        translate([*BASE, "--group_by_modality_length", "True", "--data_packing", "True"])
+    packed = load_config(None, [*t.args(), "model.data.packing=true"])
+    assert [p for p in check_config(packed, offline=True) if "group_by_modality_length" in p] == [
+        "model.data.group_by_modality_length and model.data.packing are both true: a packed row already mixes image "
+        "and text-only samples, so batches cannot hold one modality; set one of them to false"]  # fmt: skip
+
+
+def test_mm_use_im_start_end_wraps_images_in_llavas_tokens(paths: Path) -> None:
+    t = translate([*BASE, "--mm_use_im_start_end", "True", "--tokenizer", "tok_llava.model"])
+    o = t.overrides
+    assert o["model.mm_cfg.use_im_start_end"] is True and o["model.tokenizer.model"] == "tok_llava.model"
+    assert o["model.mm_cfg.im_start_end_tokens"] == ["<im_start>", "<im_end>"]
+    assert "model.mm_cfg.im_start_end_tokens=[<im_start>,<im_end>]" in t.command_line()
+    cfg = load_config(None, t.args())  # what neva train reads
+    assert list(cfg.model.mm_cfg.im_start_end_tokens) == ["<im_start>", "<im_end>"]
+    (note,) = [n for n in t.notes if n.startswith("--mm_use_im_start_end")]
+    assert "add-tokens --input TOKENIZER --output tok_llava.model --tokens '<im_start>' '<im_end>'" in note
+    off = translate([*BASE, "--mm_use_im_start_end", "False"]).overrides
+    assert off["model.mm_cfg.use_im_start_end"] is False and "model.mm_cfg.im_start_end_tokens" not in off
+
+
+def test_llava_next_anyres_flags_map_to_their_keys(paths: Path) -> None:
+    """The seed's LLaVA-NeXT stage 2 (SigLIP 384) and stage 1.5 (a pinpoint list, (width, height)) lines."""
+    stage2 = translate([*BASE, "--image_aspect_ratio", "anyres_max_9", "--image_grid_pinpoints", "(1x1),...,(6x6)",
+                        "--mm_patch_merge_type", "spatial_unpad"]).overrides  # fmt: skip
+    assert stage2["model.data.image_aspect_ratio"] == "anyres_max_9"
+    assert stage2["model.data.image_grid_pinpoints"] == "(1x1),...,(6x6)"
+    assert stage2["model.mm_cfg.mm_patch_merge_type"] == "spatial_unpad"
+    stage15 = translate([*BASE, "--image_aspect_ratio", "anyres", "--image_grid_pinpoints",
+                         "[(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)]",
+                         "--mm_patch_merge_type", "spatial_unpad"])  # fmt: skip
+    assert stage15.overrides["model.data.image_grid_pinpoints"] == [[768, 384], [384, 768], [768, 768], [384, 1152],
+                                                                     [1152, 384]]  # fmt: skip
+    for t in (translate([*BASE, "--image_aspect_ratio", "anyres_max_9", "--image_grid_pinpoints", "(1x1),...,(6x6)",
+                         "--mm_patch_merge_type", "spatial_unpad"]), stage15):  # fmt: skip
+        cfg = load_config(None, t.args())  # what neva train reads, through the command line
+        assert [p for p in check_config(cfg, offline=True) if "image" in p or "merge" in p] == []
+    assert translate(BASE).overrides["model.mm_cfg.mm_patch_merge_type"] == "flat"  # LLaVA's default
+    flat_max = load_config(None, translate([*BASE, "--image_aspect_ratio", "anyres_max_9", "--image_grid_pinpoints",
+                                            "(1x1),...,(6x6)"]).args())  # fmt: skip
+    assert any("anyres_max_9 shrinks large tile grids only with model.mm_cfg.mm_patch_merge_type spatial_unpad" in p
+               for p in check_config(flat_max, offline=True))  # fmt: skip

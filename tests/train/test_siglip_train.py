@@ -29,9 +29,9 @@ def train_job(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any
     seen: dict[str, Any] = {}
     original = ImageProcessor.for_encoder.__func__  # type: ignore[attr-defined]
 
-    def spy(cls: type, vision_model_type: str, image_size: int, aspect: str = "pad") -> ImageProcessor:
+    def spy(cls: type, vision_model_type: str, image_size: int, *args: Any, **kwargs: Any) -> ImageProcessor:
         seen.update(vision_model_type=vision_model_type, image_size=image_size)
-        return original(cls, vision_model_type, image_size, aspect)
+        return original(cls, vision_model_type, image_size, *args, **kwargs)
 
     ImageProcessor.for_encoder = classmethod(spy)  # type: ignore[method-assign,assignment]
     out = train(load_config(None, overrides))

@@ -40,7 +40,7 @@ def _train(assets: dict[str, str], name: str, extra: list[str] = (), stop_at: in
                  f"model.text_pretrain.data_path={assets['prefix']}", *extra]  # fmt: skip
     original = fit.make_trainer
     if stop_at is not None:
-        fit.make_trainer = lambda s, d, callbacks=None: original(s, d, callbacks=[*(callbacks or []), StopAt(stop_at)])
+        fit.make_trainer = lambda s, d, callbacks=None, **k: original(s, d, [*(callbacks or []), StopAt(stop_at)], **k)
     try:
         out = train(load_config(RECIPE, overrides))
     finally:
@@ -102,11 +102,12 @@ def test_loss_falls_on_the_text_corpus(tp1: dict[str, Any], assets: dict[str, st
 
 
 def test_resume_continues_the_same_loss_curve(tp1: dict[str, Any]) -> None:
+    """The resumed run's loss.csv and val_loss.csv hold the whole run: the first 20 steps as written, then the rest."""
     first, second, full = tp1["first"]["losses"], tp1["second"]["losses"], tp1["full"]["losses"]
-    assert len(first) == 20 and len(second) == 20
-    assert max(abs(a - b) for a, b in zip(first + second, full, strict=True)) <= 1e-5
-    assert max(abs(a - b) for a, b in zip(tp1["first"]["val"] + tp1["second"]["val"], tp1["full"]["val"],
-                                          strict=True)) <= 1e-5  # fmt: skip
+    assert len(first) == 20 and len(second) == 40 and second[:20] == first
+    assert max(abs(a - b) for a, b in zip(second, full, strict=True)) <= 1e-5
+    assert len(tp1["first"]["val"]) == 2 and tp1["second"]["val"][:2] == tp1["first"]["val"]
+    assert max(abs(a - b) for a, b in zip(tp1["second"]["val"], tp1["full"]["val"], strict=True)) <= 1e-5
 
 
 def test_tp2_loss_equals_tp1(tp1: dict[str, Any], assets: dict[str, str]) -> None:
