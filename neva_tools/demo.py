@@ -38,16 +38,20 @@ def neva(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "neva_tools", *args], check=True)
 
 
-def build_llm(out: Path, tokenizer: Path, vocab: int, hidden: int = 128, layers: int = 2) -> Path:
-    """A tiny random LLaMA saved in Hugging Face format with ``tokenizer`` as its ``tokenizer.model``."""
+def build_llm(out: Path, tokenizer: Path, vocab: int, hidden: int = 128, layers: int = 2,
+              family: str = "llama") -> Path:  # fmt: skip
+    """A tiny random LLaMA (``family="qwen2"``: a Qwen2, with QKV biases and tied embeddings as Qwen2.5-0.5B) saved
+    in Hugging Face format with ``tokenizer`` as its ``tokenizer.model``."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
-    config.architectures = ["LlamaForCausalLM"]
+    config_cls, model_cls, tied = {"llama": ("LlamaConfig", "LlamaForCausalLM", False),
+                                   "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", True)}[family]  # fmt: skip
+    config = getattr(transformers, config_cls)(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=512, tie_word_embeddings=tied)  # fmt: skip
+    config.architectures = [model_cls]
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(out))
+    getattr(transformers, model_cls)(config).save_pretrained(str(out))
     (out / "tokenizer.model").write_bytes(tokenizer.read_bytes())
     return out
 
@@ -84,9 +88,62 @@ def prepare(out: Path, *, train: int, heldout: int, image_size: int = 32) -> dic
     return paths
 
 
+#: (width, height) of the LLaVA-NeXT inputs' images in encoder tiles: wide, tall, square, very wide, narrow, small;
+#: AnyRes picks another canvas for each (and anyres_max_N shrinks the largest grids).
+NEXT_SHAPES = ((3, 1.5), (1.5, 3), (3, 3), (3, 1), (1, 2.5), (2, 2))
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # ChatML's (LLaVA-NeXT's qwen_1_5), added to the demo's tokenizer
+
+
+def build_siglip(out: Path, image_size: int = 28, patch_size: int = 7) -> Path:
+    """A tiny random Hugging Face SigLIP vision tower (3 layers, hidden 32, no class token) in ``out``."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=image_size, patch_size=patch_size)  # fmt: skip
+    SiglipVisionModel(config).save_pretrained(str(out))
+    return out
+
+
+def prepare_next(out: str | Path, *, train: int = 240, heldout: int = 12, image_size: int = 28) -> dict[str, Any]:
+    """The inputs of the LLaVA-NeXT tiny recipes (``recipes/tiny_cpu/next_*.yaml``) under ``out``; returns paths.
+
+    Synthetic shapes at several aspect ratios (:data:`NEXT_SHAPES`, up to 3 × 3 tiles of ``image_size`` px), with
+    text-only conversations added to the finetuning split (as LLaVA's mix has); a sentencepiece tokenizer with
+    ChatML's two tokens; a tiny random Qwen2 (``family="qwen2"``) converted to ``out/llm.nemo``; a tiny random
+    SigLIP (``image_size`` px, 7 px patches) in ``out/siglip``. Everything in this process, nothing downloaded.
+    """
+    from PIL import Image
+
+    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
+    from neva_tools.tokenizer.add_tokens import add_tokens
+    from neva_tools.tokenizer.train import train_sentencepiece
+
+    out = Path(out)
+    data = synthetic.make_dataset(out / "data", train=train, heldout=heldout, size=3 * image_size)
+    for i, path in enumerate(sorted(Path(data["images"]).glob("*.png"))):
+        width, height = NEXT_SHAPES[i % len(NEXT_SHAPES)]
+        with Image.open(path) as img:
+            view = img.convert("RGB").resize((round(width * image_size), round(height * image_size)))
+        view.save(path)
+    captions = [r["conversations"][1]["value"] for r in json.loads(Path(data["pretrain"]).read_text())]
+    texts = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Repeat after me: {line}"},
+                                                   {"from": "gpt", "value": line}]}
+             for i, line in enumerate(captions[::8])]  # fmt: skip
+    records = json.loads(Path(data["finetune"]).read_text()) + texts
+    Path(data["finetune"]).write_text(json.dumps(records, indent=1))
+    corpus = [*synthetic.corpus(), "Repeat after me:"]
+    tokenizer = train_sentencepiece(corpus, out / "tokenizer.model", vocab_size=320, overwrite=True)
+    add_tokens(tokenizer, out / "tokenizer_chat.model", list(CHAT_TOKENS), "user_defined", overwrite=True)
+    build_llm(out / "llm_hf", out / "tokenizer_chat.model", vocab=320 + len(CHAT_TOKENS), hidden=64, family="qwen2")
+    convert_hf_to_nemo(str(out / "llm_hf"), out / "llm.nemo", overwrite=True)
+    siglip = build_siglip(out / "siglip", image_size)
+    return {**data, "llm": out / "llm.nemo", "siglip": siglip, "tokenizer": out / "tokenizer_chat.model"}
+
+
 def train_stage(nproc: int, overrides: list[str]) -> None:
-    """``torchrun --nproc_per_node N -m neva_tools train ...``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    """``torchrun --nproc_per_node N -m neva_tools train ...`` (as ``scripts/train.sh N`` runs it)."""
+    cmd = [sys.executable, "-m", "neva_tools.utils.launch", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "neva_tools", "train", *overrides]  # fmt: skip
     print(f"$ torchrun --nproc_per_node={nproc} -m neva_tools train {' '.join(overrides)}", flush=True)
     subprocess.run(cmd, check=True)

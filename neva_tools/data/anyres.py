@@ -218,12 +218,14 @@ class ImageLayout:
         rows, cols = self.grid(height, width)
         crop = unpad_bounds(height, width, rows * self.side, cols * self.side)
         top, bottom, left, right = crop
-        h, w, resize = bottom - top, right - left, None
-        if self.max_tiles is not None:
-            ratio = math.sqrt(h * w / (self.max_tiles * self.side**2))
-            if ratio > 1.1:  # LLaVA-OneVision's tolerance before shrinking
-                resize = (int(h // ratio), int(w // ratio))
-        return Unpadded(rows, cols, crop, resize)
+        return Unpadded(rows, cols, crop, self._shrink(bottom - top, right - left))
+
+    def _shrink(self, h: int, w: int) -> tuple[int, int] | None:
+        """The size ``anyres_max_N`` interpolates an unpadded ``h × w`` feature map to (None: kept)."""
+        if self.max_tiles is None:
+            return None
+        ratio = math.sqrt(h * w / (self.max_tiles * self.side**2))
+        return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else None  # LLaVA-OneVision's tolerance
 
     def tokens(self, height: int = 0, width: int = 0, tiled: bool = True) -> int:
         """Embeddings a ``height × width`` image becomes in the LLM's sequence (the size matters only when tiled)."""
@@ -236,8 +238,22 @@ class ImageLayout:
         return base + rows * (cols + 1)
 
     def max_tokens(self) -> int:
-        """The most embeddings one image can become (an image of a pinpoint's shape; one view when untiled)."""
-        counts = [self.tokens(tiled=False)] + [self.tokens(h, w) for h, w in self.pinpoints if self.tiled]
+        """The most embeddings one image can become (one view when untiled). With ``spatial_unpad`` a bound: the
+        largest over every pinpoint's grid and every crop :func:`unpad_bounds` can cut from it (whether or not an
+        image of that shape selects that grid). Under ``anyres_max_N`` it is not the full grid: a padded image whose
+        crop stays within the 1.1 tolerance keeps more features than a full grid, which is shrunk."""
+        counts = [self.tokens(tiled=False)]
+        for ph, pw in self.pinpoints if self.tiled else ():
+            rows, cols = ph // self.image_size, pw // self.image_size
+            if self.merge != "spatial_unpad":
+                counts.append(self.side**2 * (1 + rows * cols))
+                continue
+            r, c = rows * self.side, cols * self.side
+            crops = {(r - 2 * ((r - n) // 2), c) for n in range(r + 1)}  # rows cut (wide images)
+            crops |= {(r, c - 2 * ((c - n) // 2)) for n in range(c + 1)}  # columns cut (tall images)
+            for h, w in crops:
+                h, w = self._shrink(h, w) or (h, w)
+                counts.append(self.side**2 + h * (w + 1))
         return max(counts)
 
 

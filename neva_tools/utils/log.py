@@ -320,5 +320,6 @@ def first_to_report(what: str = "error", *, wait_s: float = 1.0) -> bool:
 
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
     """A tqdm bar on rank 0 when progress is enabled; a silent pass-through elsewhere."""
-    disable = not _PROGRESS_ENABLED or global_rank() != 0 or kwargs.pop("disable", False)
+    off = kwargs.pop("disable", False)  # popped first: never passed to tqdm twice
+    disable = not _PROGRESS_ENABLED or global_rank() != 0 or off
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
