@@ -55,7 +55,13 @@ def run_info(cfg: DictConfig, vocab_size: int | None) -> RunInfo:
     if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
         return RunInfo(str(cfg.name), "text pretraining", "text", vocab_size, nemo)
     frozen = bool(OmegaConf.select(cfg, "model.mm_cfg.llm.freeze", default=True))
-    stage = "NeVA stage 1: pretraining (LLM frozen)" if frozen else "NeVA stage 2: finetuning (LLM trains)"
+    tower = not bool(OmegaConf.select(cfg, "model.mm_cfg.vision_encoder.freeze", default=True))
+    if frozen:
+        stage = "NeVA stage 1: pretraining (LLM frozen" + (", vision tower trains)" if tower else ")")
+    elif tower:
+        stage = "NeVA stage 1.5/2: LLM and vision tower train"
+    else:
+        stage = "NeVA stage 2: finetuning (LLM trains)"
     folder = OmegaConf.select(cfg, "model.data.image_folder", default=None)
     return RunInfo(str(cfg.name), stage, "neva", vocab_size, nemo, None if folder is None else str(folder))
 
