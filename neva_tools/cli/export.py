@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from neva_tools.convert.hf_to_nemo import DTYPES
 from neva_tools.data.templates import TEMPLATE_NAMES
+from neva_tools.mappings.llava_hf import FORMAT_CHOICES
 
 if TYPE_CHECKING:
     from neva_tools.export.run_dir import StepResult
@@ -27,18 +28,24 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     h = esub.add_parser(
         "hf-llava",
         parents=[parent],
-        help="NeVA .nemo (any TP) → Hugging Face LlavaForConditionalGeneration + processor",
-        description="Write a complete LlavaForConditionalGeneration directory (CLIP vision tower, projector, LLM, "
-        "config, tokenizer with <image>, image processor and a chat template reproducing the training template), "
-        "loadable with transformers and AutoProcessor. --all-checkpoints converts every checkpoint of a run into "
-        "OUTPUT/step=N, skipping steps already converted.",
+        help="NeVA .nemo (any TP) → Hugging Face LLaVA / LLaVA-NeXT / LLaVA-OneVision + processor",
+        description="Write a complete Hugging Face directory (CLIP or SigLIP vision tower, projector, LLM, config, "
+        "tokenizer with <image>, image processor and a chat template reproducing the training template), loadable "
+        "with AutoModelForImageTextToText and AutoProcessor. The class follows from the model's config: "
+        "LlavaForConditionalGeneration (one view per image), LlavaNextForConditionalGeneration (image_aspect_ratio "
+        "anyres, mm_patch_merge_type spatial_unpad) or LlavaOnevisionForConditionalGeneration (anyres_max_N, "
+        "spatial_unpad). --all-checkpoints converts every checkpoint of a run into OUTPUT/step=N, skipping steps "
+        "already converted.",
     )
     source = h.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="the NeVA .nemo (from neva train or neva import)")
     source.add_argument("--all-checkpoints", metavar="RUN_DIR", help="a training run directory (runs/NAME)")
     h.add_argument("--output", required=True, help="the directory to write (with --all-checkpoints: its parent)")
-    h.add_argument("--vision", help="the CLIP tower (HF or open_clip directory, or name:checkpoint); default: the "
-                   "model's mm_cfg.vision_encoder.from_pretrained")  # fmt: skip
+    h.add_argument("--vision", help="the CLIP/SigLIP tower (HF or open_clip directory, or name:checkpoint); "
+                   "default: the tower stored in the .nemo, else mm_cfg.vision_encoder.from_pretrained")  # fmt: skip
+    h.add_argument("--format", choices=FORMAT_CHOICES, default="auto", dest="hf_format",
+                   help="the Hugging Face class; auto (default) picks the one the model's config calls for, another "
+                   "value is refused unless it is that class")  # fmt: skip
     h.add_argument("--llm", help="the LLM .nemo of a stage-1 .nemo that does not store it (default: "
                    "mm_cfg.llm.from_pretrained)")  # fmt: skip
     h.add_argument("--template", choices=TEMPLATE_NAMES, help="conversation template (default: the training one)")
@@ -56,7 +63,8 @@ def run_hf_llava(args: argparse.Namespace) -> int:
     from neva_tools.export.run_dir import convert_all
 
     options = {"vision": args.vision, "template": args.template, "dtype": args.dtype,
-               "max_shard_size": args.max_shard_size, "overwrite": args.overwrite}  # fmt: skip
+               "max_shard_size": args.max_shard_size, "overwrite": args.overwrite,
+               "hf_format": args.hf_format}  # fmt: skip
     if args.input is not None:
         if args.config or args.overrides:
             raise NevaError("--config and --set describe a run's checkpoints; use them with --all-checkpoints")

@@ -17,7 +17,8 @@ conversation template; ``patch_size`` and the class-token count make the process
 our image token count, tiles, unpadding and ``image_newline`` rows included), ``generation_config.json`` stopping at
 the template's end of turn, and ``neva_export.json`` (provenance, read back by ``neva import``). OneVision's
 ``<video>`` placeholder is not added to the tokenizer (NeVA models take no video): ``video_token_index`` is the image
-token's id.
+token's id. A prompt with several images: training and our inference tile only a single image (as OneVision's
+processor and model do); transformers' LLaVA-NeXT tiles every image, so such prompts match ours only with OneVision.
 
 ``image_token_index`` must be a real token id: an existing ``<image>`` token is used; otherwise ``<image>`` is
 added after the tokenizer's last token. When that id lies beyond the LLM vocabulary, one embedding (and output)
@@ -260,7 +261,9 @@ def _write_processor(directory: Path, fmt: HfLlavaFormat, tok: Any, tower: Visio
                                         num_additional_image_tokens=class_tokens, chat_template=jinja)  # fmt: skip
         else:
             image_processor = image_class(do_pad=True, image_grid_pinpoints=pinpoints, **common)
-            processor = processor_class(image_processor=image_processor, tokenizer=tok,
+            assert fmt.video_processor_class is not None
+            video = getattr(transformers, fmt.video_processor_class)(**common)  # required; unused (no video)
+            processor = processor_class(image_processor=image_processor, tokenizer=tok, video_processor=video,
                                         num_image_tokens=tower.arch.num_patches + class_tokens,
                                         vision_feature_select_strategy=strategy, chat_template=jinja,
                                         vision_aspect_ratio=layout.aspect)  # fmt: skip

@@ -27,7 +27,7 @@ import torch
 
 from neva_tools.checkpoint.nemo_vision import StoredTower
 from neva_tools.errors import NevaError
-from neva_tools.mappings import clip, siglip
+from neva_tools.mappings import clip, llava_hf, siglip
 from neva_tools.mappings.clip import HF_PREFIX, OPEN_CLIP_POST_NORM, ClipVisionArch
 
 logger = logging.getLogger(__name__)
@@ -91,17 +91,28 @@ def split_source(value: str) -> tuple[str, str | None]:
 
 
 def read_hf_tower(path: Path) -> VisionTower:
-    """A HF ``CLIPVisionModel`` / ``CLIPModel`` / ``SiglipVisionModel`` / ``SiglipModel`` directory's vision tower
-    (tensors read, no model code run)."""
+    """A HF ``CLIPVisionModel`` / ``CLIPModel`` / ``SiglipVisionModel`` / ``SiglipModel`` directory's vision tower,
+    or the tower inside a LLaVA / LLaVA-NeXT / LLaVA-OneVision directory (``neva import``'s ``vision.source``);
+    tensors read, no model code run."""
     import json
+
+    import transformers
 
     from neva_tools.checkpoint.hf_reader import HFCheckpoint
 
-    arch = siglip.hf_vision_arch(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    where = str(path / "config.json")
+    cfg = json.loads((path / "config.json").read_text())
+    fmt = llava_hf.FORMATS.get(str(cfg.get("model_type")))
+    if fmt is not None:  # the class's config completes llava-hf's sparse vision_config
+        cfg = getattr(transformers, fmt.config_class).from_dict(cfg).vision_config.to_dict()
+    arch = siglip.hf_vision_arch(cfg, where)
     skip = _NOT_VISION + (_NOT_SIGLIP_VISION if isinstance(arch, siglip.SiglipVisionArch) else ())
     with HFCheckpoint(path) as ckpt:
-        state = {n.removeprefix(HF_PREFIX): ckpt.get(n) for n in ckpt.names()
-                 if not n.removeprefix(HF_PREFIX).startswith(skip)}  # fmt: skip
+        if fmt is None:
+            names = {n.removeprefix(HF_PREFIX): n for n in ckpt.names()}
+        else:
+            names = {found[1]: n for n in ckpt.names() if (found := llava_hf.locate(n)) and found[0] == "vision"}
+        state = {name: ckpt.get(n) for name, n in names.items() if not name.startswith(skip)}
     hf_to_mcore(state, arch, -1)  # checks every name and shape
     return VisionTower(state, arch, str(path))
 

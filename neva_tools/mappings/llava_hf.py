@@ -41,6 +41,7 @@ class HfLlavaFormat:
     processor_class: str
     image_processor_class: str
     tiled: bool  # AnyRes: ``image_grid_pinpoints``, ``image_sizes`` and ``image_newline``
+    video_processor_class: str | None = None  # required by the processor (NeVA models take no video)
 
 
 FORMATS: dict[str, HfLlavaFormat] = {
@@ -51,7 +52,8 @@ FORMATS: dict[str, HfLlavaFormat] = {
         HfLlavaFormat("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextConfig", "LlavaNextProcessor",
                       "LlavaNextImageProcessor", tiled=True),
         HfLlavaFormat("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig",
-                      "LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor", tiled=True),
+                      "LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor", tiled=True,
+                      video_processor_class="LlavaOnevisionVideoProcessor"),
     )
 }  # fmt: skip
 #: ``--format`` choices.

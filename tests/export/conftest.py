@@ -76,3 +76,27 @@ def exported_tp2(export_root: Path, neva_tp2: Path) -> Path:
     from neva_tools.export.hf_llava import export_hf_llava
 
     return export_hf_llava(neva_tp2, export_root / "hf_llava_from_tp2")
+
+
+@pytest.fixture(scope="session")
+def hf_siglip(export_root: Path) -> Path:
+    """A tiny random HF SigLIP tower (28 px, 7 px patches, hidden 32: the projector's input)."""
+    from anyres_models import build_hf_siglip
+
+    return build_hf_siglip(export_root / "siglip_hf")
+
+
+@pytest.fixture(scope="session")
+def qwen2_nemo(export_root: Path) -> Path:
+    """A tiny Qwen2 (tied, QKV biases, vocabulary 640) with a byte-level ChatML tokenizer, as a TP=1 ``.nemo``."""
+    from anyres_models import build_qwen2
+
+    return build_qwen2(export_root / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama512_nemo(export_root: Path, tokenizer300: Path) -> Path:
+    """A tiny LLaMA like ``llm_nemo`` with 512 positions (room for AnyRes images), as a TP=1 ``.nemo``."""
+    from anyres_models import build_llama
+
+    return build_llama(export_root / "llama512", tokenizer300)

@@ -16,7 +16,7 @@ import yaml
 
 from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, artifact_name, weights_member
 from neva_tools.checkpoint.nemo_writer import NemoWriter
-from neva_tools.mappings.projector import NEMO_PREFIX
+from neva_tools.mappings.projector import NEMO_PREFIX, NEWLINE
 
 IMAGE, PATCH, VISION_HIDDEN, VISION_LAYERS = 28, 7, 32, 3
 OPEN_CLIP_CFG = {
@@ -63,21 +63,30 @@ def _randomize(model: torch.nn.Module) -> None:
 
 def build_neva_nemo(llm_nemo: Path, out: Path, clip: Path, *, template: str = "vicuna_v1", aspect: str = "pad",
                     include_llm: bool = True, select_layer: int = -2, seed: int = 3, projector: bool = True,
-                    tokenizer: Path | None = None, adapter: str = "mlp2x_gelu") -> Path:  # fmt: skip
+                    tokenizer: Path | None = None, adapter: str = "mlp2x_gelu", data: dict | None = None,
+                    merge: str | None = None,
+                    tower: tuple[Any, dict[str, torch.Tensor]] | None = None) -> Path:  # fmt: skip
     """A NeVA ``.nemo`` (TP=1) from an LLM ``.nemo``: its LLM (unless ``include_llm=False``), a random projector.
 
-    ``projector=False``, another ``tokenizer`` and ``adapter`` make broken files for the error tests.
+    ``projector=False``, another ``tokenizer`` and ``adapter`` make broken files for the error tests. ``data`` adds
+    ``data`` keys (``image_grid_pinpoints``), ``merge`` sets ``mm_patch_merge_type`` (``spatial_unpad`` adds a random
+    ``image_newline``), ``tower`` = (architecture, full ``CLIPViTModel`` tensors) stores a trained tower as
+    ``neva train`` does (``model.vision_model.*``, ``vision.arch``, ``freeze: false``).
     """
     with NemoArchive(llm_nemo) as archive:
         cfg = archive.read_config()
         state = archive.load_legacy() if include_llm else {}
-        tokenizer = tokenizer or archive.artifact(cfg["tokenizer"]["model"], out.parent / f".{out.name}.tok")
+        hf_tokenizer = tokenizer is None and cfg["tokenizer"].get("library") == "huggingface"  # a HF tokenizer dir
+        ref = cfg["tokenizer"]["hf_files"] if hf_tokenizer else cfg["tokenizer"]["model"]
+        tokenizer = tokenizer or archive.artifact(ref, out.parent / f".{out.name}.tok")
     hidden = int(cfg["hidden_size"])
     g = torch.Generator().manual_seed(seed)
     shapes = {"0.weight": (hidden, VISION_HIDDEN), "0.bias": (hidden,), "2.weight": (hidden, hidden),
               "2.bias": (hidden,)}  # fmt: skip
     if projector:
         state.update({NEMO_PREFIX + k: 0.1 * torch.randn(shape, generator=g) for k, shape in shapes.items()})
+    if merge == "spatial_unpad":
+        state[NEWLINE.hf[0]] = torch.randn(hidden, generator=g)
     cfg = {
         **cfg,
         "mm_cfg": {
@@ -87,13 +96,27 @@ def build_neva_nemo(llm_nemo: Path, out: Path, clip: Path, *, template: str = "v
             "pretrain_mm_mlp_adapter": None,
             "mm_mlp_adapter_type": adapter,
         },
-        "data": {"conv_template": template, "image_aspect_ratio": aspect},
+        "data": {"conv_template": template, "image_aspect_ratio": aspect, **(data or {})},
         "vision": {"image_size": IMAGE, "patch_size": PATCH, "source": str(clip)},
     }  # fmt: skip
+    if merge is not None:
+        cfg["mm_cfg"]["mm_patch_merge_type"] = merge
+    if tower is not None:
+        from neva_tools.checkpoint import nemo_vision
+
+        arch, tensors = tower
+        state.update({nemo_vision.PREFIX + k: v for k, v in tensors.items()})
+        cfg["vision"].update(arch=nemo_vision.arch_record(arch), stored=True)
+        cfg["mm_cfg"]["vision_encoder"]["freeze"] = False
     with NemoWriter(out, overwrite=True) as writer:
-        name = artifact_name("tokenizer.model")
-        writer.add_file(name, tokenizer)
-        cfg["tokenizer"] = {**cfg["tokenizer"], "model": f"nemo:{name}"}
+        if hf_tokenizer:
+            name = artifact_name("hf_tokenizer")
+            writer.add_dir(name, tokenizer)
+            cfg["tokenizer"] = {**cfg["tokenizer"], "type": f"nemo:{name}", "hf_files": f"nemo:{name}"}
+        else:
+            name = artifact_name("tokenizer.model")
+            writer.add_file(name, tokenizer)
+            cfg["tokenizer"] = {**cfg["tokenizer"], "model": f"nemo:{name}"}
         writer.add_bytes(CONFIG_NAME, yaml.safe_dump(cfg, sort_keys=False).encode())
         writer.add_torch(weights_member(0, 1), state)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from neva_models import build_neva_nemo, build_open_clip
 
 from neva_tools.errors import NevaError
@@ -58,13 +59,24 @@ def test_vision_tower_that_does_not_fit(neva_nemo: Path, tmp_path: Path) -> None
         export_hf_llava(neva_nemo, tmp_path / "out", vision=other)
 
 
-def test_siglip_tower_is_refused_by_name(tmp_path: Path) -> None:
+def test_siglip_tower_is_read_by_its_table(tmp_path: Path) -> None:
+    """A SigLIP tower (once refused) is read with the SigLIP table: no class token or pre-norm, its pooling head
+    (not built by the exported SiglipVisionModel) left out, a wrong tensor named."""
+    from safetensors.torch import load_file, save_file
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     from neva_tools.export.vision import read_tower
+    from neva_tools.mappings.siglip import SiglipVisionArch
 
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                              image_size=28, patch_size=7)  # fmt: skip
     SiglipVisionModel(cfg).save_pretrained(str(tmp_path / "siglip"))
-    with pytest.raises(NevaError, match=r"siglip is a SigLIP vision tower; export .* supports CLIP towers only"):
+    tower = read_tower(str(tmp_path / "siglip"))
+    assert isinstance(tower.arch, SiglipVisionArch) and tower.arch.num_patches == 16
+    assert "embeddings.patch_embedding.bias" in tower.state and "post_layernorm.weight" in tower.state
+    assert not any(k.startswith("head.") or "class_embedding" in k for k in tower.state)
+    state = load_file(str(tmp_path / "siglip" / "model.safetensors"))
+    state["vision_model.extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "siglip" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NevaError, match=r"does not match a 1-layer SigLIP ViT \(unknown: extra.weight\)"):
         read_tower(str(tmp_path / "siglip"))

@@ -175,19 +175,15 @@ def test_export_writes_the_trained_tower(saved: dict[str, Any], tmp_path: Path) 
     from safetensors.torch import load_file
 
     from neva_tools.export.hf_llava import export_hf_llava
-    from neva_tools.mappings.clip import mcore_state_to_hf_clip
+    from neva_tools.export.vision import mcore_to_hf
 
-    if saved["family"] == "siglip":
-        with pytest.raises(NevaError, match="SigLIP vision tower"):
-            export_hf_llava(saved["nemo"], tmp_path / "hf")
-        return
-    out = export_hf_llava(saved["nemo"], tmp_path / "hf")
+    out = export_hf_llava(saved["nemo"], tmp_path / "hf")  # CLIP or SigLIP: the family's table
     exported = {}
     for shard in sorted(out.glob("*.safetensors")):
         exported.update(load_file(str(shard)))
     prefix = "vision_tower.vision_model."
     stored = _tower(saved["nemo"])
-    trained = mcore_state_to_hf_clip(stored.tensors, stored.arch, select_layer=SELECT)
+    trained = mcore_to_hf(stored.tensors, stored.arch, SELECT)
     assert all(torch.equal(exported[prefix + k], v) for k, v in trained.items())
     original = load_file(str(saved["vision"] / "model.safetensors"))
     original = {k.removeprefix("vision_model."): v for k, v in original.items()}
@@ -206,8 +202,6 @@ def test_export_without_the_original_tower_exports_the_trained_layers(saved: dic
 
     from neva_tools.export.hf_llava import export_hf_llava
 
-    if saved["family"] == "siglip":
-        pytest.skip("Hugging Face LLaVA export supports CLIP towers only")
     full = export_hf_llava(saved["nemo"], tmp_path / "full")
     moved = tmp_path / "moved"
     shutil.move(str(saved["vision"]), moved)

@@ -112,10 +112,23 @@ def test_trained_anyres_model_answers_alike_at_tp1_and_tp2(run: dict[str, Any]) 
         assert result["tokens"] == tp1["tokens"] and result["prompt_length"] == tp1["prompt_length"]
 
 
-def test_hugging_face_llava_export_refuses_anyres(run: dict[str, Any], tmp_path: Path) -> None:
+def test_hugging_face_export_is_llava_next(run: dict[str, Any], tmp_path: Path) -> None:
+    """anyres + spatial_unpad exports as LlavaNextForConditionalGeneration with the trained image_newline (logit and
+    generation parity: tests/export/test_hf_llava_next.py); one view per image (LlavaForConditionalGeneration) is
+    refused."""
+    from safetensors.torch import load_file
+
     from neva_tools.errors import NevaError
     from neva_tools.export.hf_llava import export_hf_llava
 
-    with pytest.raises(NevaError, match=r"LLaVA-NeXT's AnyRes.*cannot run it"):
-        export_hf_llava(run["nemo"], tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    with pytest.raises(NevaError, match=r"--format llava cannot run .*LlavaNextForConditionalGeneration"):
+        export_hf_llava(run["nemo"], tmp_path / "llava", hf_format="llava")
+    assert not (tmp_path / "llava").exists()
+    out = export_hf_llava(run["nemo"], tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert config["image_grid_pinpoints"] == [[28, 56], [56, 28], [56, 56]]
+    with NemoArchive(run["nemo"]) as archive:
+        stored = archive.load_legacy()[NEWLINE.hf[0]]
+    exported = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert torch.equal(exported["image_newline"], stored.to(exported["image_newline"].dtype))
