@@ -81,13 +81,18 @@ def save_full(tensors: Iterable[tuple[str, torch.Tensor]], num_layers: int, dire
         dist_checkpointing.save(sharded_tensors(tensors, num_layers), str(directory))
 
 
-def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Global shape of every tensor key stored in a ``torch_dist`` checkpoint."""
+def tensor_metadata(directory: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor key stored in a ``torch_dist`` checkpoint (no tensor data is read)."""
     from megatron.core import dist_checkpointing
 
     with single_process_group():
         meta = dist_checkpointing.load_tensors_metadata(str(directory))
-    return {key: tuple(st.global_shape) for key, st in meta.items()}
+    return {key: (tuple(st.global_shape), st.dtype) for key, st in meta.items()}
+
+
+def tensor_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor key stored in a ``torch_dist`` checkpoint."""
+    return {key: shape for key, (shape, _) in tensor_metadata(directory).items()}
 
 
 def load_full(names: Iterable[str], directory: Path, num_layers: int) -> dict[str, torch.Tensor]:

@@ -56,10 +56,7 @@ class HFCheckpoint:
         config = self.path / "config.json"
         if not config.is_file():
             raise NevaError(f"{self.path} has no config.json: it is not a Hugging Face model directory")
-        try:
-            self.config: dict[str, Any] = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
-            raise NevaError(f"{config} is not valid JSON: {exc}") from None
+        self.config: dict[str, Any] = read_json_object(config, "the model's settings")
         self._files = self._weight_files()
         self._handles: dict[Path, Any] = {}
         self._meta: dict[str, tuple[Path, tuple[int, ...], torch.dtype | str]] = {}
@@ -68,14 +65,21 @@ class HFCheckpoint:
             self._index(file)
         missing = sorted(n for n in self._files if n not in self._meta)
         if missing:
-            raise NevaError(f"the index lists tensors that are not in their files: {', '.join(missing[:10])}")
+            raise NevaError(f"{self.path}: the weight index lists tensors that are not in their files: "
+                            f"{', '.join(missing[:10])}; re-download the model")  # fmt: skip
 
     def _weight_files(self) -> dict[str, Path]:
         """name → file, from an index file or the single weights file."""
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_object(index, "a weight_map of tensor names to weight files").get("weight_map")
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v and "/" not in v and "\\" not in v and v != ".."
+                    for k, v in weight_map.items()
+                ):  # fmt: skip
+                    raise NevaError(f"{index} has no weight_map of tensor names to weight file names in this folder; "
+                                    "re-download the model or remove the broken index")  # fmt: skip
                 files = {name: self.path / file for name, file in weight_map.items()}
                 for file in sorted(set(files.values())):
                     if not file.is_file():
@@ -103,7 +107,18 @@ class HFCheckpoint:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for corrupt/unsafe files
                 raise NevaError(f"{file} could not be loaded safely (weights_only=True): {exc}") from None
+            if not isinstance(state, dict):
+                raise NevaError(f"{file} holds a {type(state).__name__}, not a dict of tensors; re-download it")
             for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise NevaError(f"{file}: {name!r} is a {type(tensor).__name__}, not a tensor; re-download it")
+                stored = tensor.untyped_storage().nbytes()
+                if tensor.numel() * tensor.element_size() > stored or any(
+                    n > 1 and st == 0 for n, st in zip(tensor.shape, tensor.stride(), strict=True)
+                ):  # an expanded or overlapping view: a tiny file that would expand into a huge tensor
+                    raise NevaError(f"{file}: tensor {name} of shape {list(tensor.shape)} is a view with strides "
+                                    f"{list(tensor.stride())} of a {stored}-byte storage, not stored weights; "
+                                    "re-save the model with save_pretrained")  # fmt: skip
                 self._meta[name] = (file, tuple(tensor.shape), tensor.dtype)
             self._handles[file] = state
         self._files.pop("", None)
@@ -122,6 +137,10 @@ class HFCheckpoint:
         """The stored dtype of tensor ``name`` (None for a safetensors dtype torch has no name for here)."""
         dtype = self._meta[name][2]
         return dtype if isinstance(dtype, torch.dtype) else _SAFETENSORS_DTYPES.get(dtype)
+
+    def stored_dtype(self, name: str) -> str:
+        """The dtype of tensor ``name`` as its file spells it (``F8_E4M3`` in safetensors, ``torch.int64``)."""
+        return str(self._meta[name][2])
 
     def location(self, name: str) -> tuple[str, int] | None:
         """(file, byte offset) of tensor ``name``'s bytes for a direct copy (safetensors files), else None."""
@@ -159,6 +178,24 @@ class HFCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (``what`` it should hold, for the message); any problem is our error
+    naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise NevaError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); re-download it or save it "
+                        "as UTF-8") from None  # fmt: skip
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long numbers, deep nesting
+        raise NevaError(f"{path} is not valid JSON ({str(exc)[:200]}); re-download it or fix it") from None
+    except OSError as exc:
+        raise NevaError(f"{path} cannot be read: {exc.strerror}") from None
+    if not isinstance(value, dict):
+        raise NevaError(f"{path} holds a JSON {type(value).__name__}, not an object with {what}; re-download it "
+                        "or fix it")  # fmt: skip
+    return value
 
 
 def _safetensors_offsets(file: Path) -> dict[str, int]:

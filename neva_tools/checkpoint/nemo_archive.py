@@ -83,7 +83,26 @@ class MemberReader(io.RawIOBase):
         super().close()
 
 
-_RANK_RE = re.compile(r"^(?:mp_rank_(\d+)|tp_rank_(\d+)_pp_rank_(\d+))/" + re.escape(WEIGHTS_NAME) + "$")
+def artifact_refs(config: Any) -> set[str]:
+    """Every member name a config references as ``nemo:<name>`` (at any depth; ``./`` prefixes removed)."""
+    refs: set[str] = set()
+    stack, seen = [config], set()
+    while stack:  # iterative: a deeply nested YAML document cannot exhaust the recursion limit
+        value = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:  # a YAML alias: visited once, however often it is referenced (no alias bomb)
+                continue
+            seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, str) and value.startswith("nemo:"):
+            refs.add("/".join(p for p in PurePosixPath(value[len("nemo:") :]).parts if p not in (".", "/")))
+    return refs
+
+
+_RANK_RE = re.compile(r"^(?:mp_rank_(\d{1,9})|tp_rank_(\d{1,9})_pp_rank_(\d{1,9}))/" + re.escape(WEIGHTS_NAME) + "$")
 
 
 def _is_compressed(path: Path) -> bool:
@@ -130,7 +149,10 @@ class NemoArchive:
         else:
             raise NevaError(f"{self.path} does not exist")
         self.names = sorted(names)
-        if CONFIG_NAME not in self.names:
+        self._name_set = frozenset(self.names)  # membership checks are per member: never search the list
+        self._ranks: tuple[int, int] | None = None
+        self._layout: str | None = None
+        if CONFIG_NAME not in self._name_set:
             raise NevaError(f"{self.path} has no {CONFIG_NAME}: it is not a .nemo checkpoint")
 
     def __enter__(self) -> NemoArchive:
@@ -151,7 +173,7 @@ class NemoArchive:
     @contextmanager
     def open(self, name: str) -> Iterator[IO[bytes]]:
         """Open member ``name`` for reading."""
-        if name not in self.names:
+        if name not in self._name_set:
             raise NevaError(f"{self.path} has no member {name!r}")
         if self._tar is None:
             with open(self.path / name, "rb") as fh:
@@ -167,8 +189,10 @@ class NemoArchive:
         with self.open(CONFIG_NAME) as fh:
             try:
                 cfg = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
+            except yaml.YAMLError as exc:  # bad syntax, and bytes that are not UTF-8 (ReaderError)
                 raise NevaError(f"{self.path}: {CONFIG_NAME} is not valid YAML: {exc}") from None
+            except RecursionError:
+                raise NevaError(f"{self.path}: {CONFIG_NAME} is nested too deeply to be a model config") from None
         if not isinstance(cfg, dict):
             raise NevaError(f"{self.path}: {CONFIG_NAME} is not a mapping")
         return cfg
@@ -176,24 +200,34 @@ class NemoArchive:
     @property
     def layout(self) -> str:
         """``dist`` for a megatron-core distributed checkpoint, ``legacy`` for ``model_weights.ckpt`` files."""
-        if any(n.startswith(DIST_DIR + "/") for n in self.names):
-            return "dist"
-        if WEIGHTS_NAME in self.names or any(_RANK_RE.match(n) for n in self.names):
-            return "legacy"
-        raise NevaError(f"{self.path} holds no weights ({WEIGHTS_NAME}, mp_rank_XX/ or {DIST_DIR}/)")
+        if self._layout is None:
+            if any(n.startswith(DIST_DIR + "/") for n in self.names):
+                self._layout = "dist"
+            elif WEIGHTS_NAME in self._name_set or any(_RANK_RE.match(n) for n in self.names):
+                self._layout = "legacy"
+            else:
+                raise NevaError(f"{self.path} holds no weights ({WEIGHTS_NAME}, mp_rank_XX/ or {DIST_DIR}/)")
+        return self._layout
 
     def legacy_ranks(self) -> tuple[int, int]:
         """(tp, pp) of a legacy archive, from its rank directories; gaps are an error naming the missing one."""
-        if WEIGHTS_NAME in self.names:
+        if self._ranks is None:
+            self._ranks = self._find_ranks()
+        return self._ranks
+
+    def _find_ranks(self) -> tuple[int, int]:
+        if WEIGHTS_NAME in self._name_set:
             return 1, 1
         found = set()
         for name in self.names:
             m = _RANK_RE.match(name)
             if m:
                 found.add((int(m.group(1)), 0) if m.group(1) is not None else (int(m.group(2)), int(m.group(3))))
+        if not found:
+            raise NevaError(f"{self.path} holds no weights ({WEIGHTS_NAME}, mp_rank_XX/ or {DIST_DIR}/)")
         tp = max(t for t, _ in found) + 1
         pp = max(p for _, p in found) + 1
-        for t in range(tp):
+        for t in range(tp):  # stops at the first gap, which comes within the first len(found) + 1 ranks
             for p in range(pp):
                 if (t, p) not in found:
                     raise NevaError(f"{self.path} is missing the weights of TP rank {t}, PP rank {p}")
@@ -234,6 +268,23 @@ class NemoArchive:
             n for n in self.names
             if n != CONFIG_NAME and n != WEIGHTS_NAME and not _RANK_RE.match(n) and not n.startswith(DIST_DIR + "/")
         ]  # fmt: skip
+
+    def split_artifacts(self, config: Any = None) -> tuple[list[str], list[str]]:
+        """``other_members`` split into those ``config`` (default: this archive's) references with ``nemo:<name>``
+        (a file, or every member under a directory ``<name>/``) and the rest, which nothing reads; linear in
+        the number of members."""
+        refs = artifact_refs(self.read_config() if config is None else config)
+        depth = max((ref.count("/") + 1 for ref in refs), default=0)
+        referenced, unreferenced = [], []
+        for name in self.other_members():
+            hit, cut = name in refs, -1
+            for _ in range(depth):  # the member's parent directories, as deep as a reference goes
+                cut = name.find("/", cut + 1)
+                if hit or cut < 0:
+                    break
+                hit = name[:cut] in refs
+            (referenced if hit else unreferenced).append(name)
+        return referenced, unreferenced
 
     def extract(self, prefix: str, dest: str | os.PathLike) -> Path:
         """Extract member ``prefix`` (a file) or every member under ``prefix/`` into ``dest``; return the path."""

@@ -93,6 +93,18 @@ def splits(arch: ClipVisionArch, select: int) -> dict[str, Split]:
     return {PREFIX + name: split for name, split in family.mcore_splits(arch, select).items()}
 
 
+def shapes(arch: ClipVisionArch, select: int) -> dict[str, tuple[int, ...]]:
+    """Archive name (``model.vision_model.…``) → full (TP=1) shape of every stored tensor, from the family's table."""
+    family = siglip if isinstance(arch, siglip.SiglipVisionArch) else clip
+    return {PREFIX + name: shape for name, shape in family.mcore_shapes(arch, select).items()}
+
+
+def stored_shapes(cfg: Mapping[str, Any], where: str) -> dict[str, tuple[int, ...]]:
+    """The full shapes of the tower tensors a ``.nemo`` config says the archive holds (empty when none)."""
+    arch = stored_arch(cfg, where)
+    return {} if arch is None else shapes(arch, select_layer(cfg))
+
+
 def stored_splits(cfg: Mapping[str, Any], where: str) -> dict[str, Split]:
     """The tower tensors a ``.nemo`` config says the archive holds, with their split kinds (empty when none)."""
     arch = stored_arch(cfg, where)

@@ -7,6 +7,7 @@ archive itself is written to a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -79,19 +80,31 @@ class NemoWriter:
 
     def __enter__(self) -> NemoWriter:
         self.tmp_path = self._atomic.__enter__()
-        self._fh = open(self.tmp_path, "wb")
+        try:
+            self._fh = open(self.tmp_path, "wb")
+        except BaseException as error:
+            self._atomic.__exit__(type(error), error, error.__traceback__)  # removes the temporary
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool | None:
         assert self._fh is not None
+        failed: BaseException | None = None
         try:
             if exc_type is None:
                 self._fh.write(b"\0" * (2 * _BLOCK))
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
+                self._fh.close()
+        except BaseException as error:  # a full disk: the temporary is still removed (by atomic_path)
+            failed = error
         finally:
-            self._fh.close()
-        return self._atomic.__exit__(exc_type, exc, tb)
+            with contextlib.suppress(OSError):  # after a failed write, closing flushes the buffer and fails again
+                self._fh.close()
+        if failed is None:
+            return self._atomic.__exit__(exc_type, exc, tb)
+        self._atomic.__exit__(type(failed), failed, failed.__traceback__)  # raises our error for a full disk
+        raise failed
 
     def _header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
         info = tarfile.TarInfo(name)

@@ -73,6 +73,43 @@ class TensorRef:
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
         return self.offset * self.dtype.itemsize, (last + 1) * self.dtype.itemsize
 
+    def contiguous_strides(self) -> tuple[int, ...]:
+        """The row-major strides of ``size`` (what ``torch.save`` of a contiguous tensor records)."""
+        strides, step = [], 1
+        for n in reversed(self.size):
+            strides.insert(0, step)
+            step *= n
+        return tuple(strides)
+
+    def geometry_problem(self, record_bytes: int | None, *, contiguous: bool = True) -> str | None:
+        """Why this view cannot be a stored weight, or None: its elements must be distinct elements of its
+        storage (no stride-0 expansion, no overlap: never more elements than the storage holds), lie inside
+        the storage, and with ``contiguous`` be in row-major order; the storage record must hold the storage.
+
+        Checked from the pickle alone, before any data is read, so a tiny file cannot expand into a huge tensor.
+        """
+        storage_bytes = self.storage.numel * self.storage.dtype.itemsize
+        numel = math.prod(self.size)
+        if record_bytes is None:
+            return f"its storage record data/{self.storage.key} is missing"
+        if record_bytes < storage_bytes:
+            return (f"its storage record data/{self.storage.key} holds {record_bytes} bytes but the storage "
+                    f"needs {storage_bytes}")  # fmt: skip
+        if numel == 0:
+            return None
+        if any(n > 1 and s == 0 for n, s in zip(self.size, self.stride, strict=True)):
+            return f"it is a stride-0 (expanded) view of shape {list(self.size)} with strides {list(self.stride)}"
+        if numel * self.dtype.itemsize > storage_bytes:
+            return (f"its shape {list(self.size)} has {numel} elements but its storage holds only "
+                    f"{storage_bytes // self.dtype.itemsize}")  # fmt: skip
+        if self.span()[1] > storage_bytes:
+            return (f"its view (offset {self.offset}, shape {list(self.size)}, strides {list(self.stride)}) "
+                    f"reaches past the end of its storage ({storage_bytes} bytes)")  # fmt: skip
+        wanted = self.contiguous_strides()
+        if contiguous and any(n > 1 and s != w for n, s, w in zip(self.size, self.stride, wanted, strict=True)):
+            return f"its strides {list(self.stride)} are not the contiguous {list(wanted)} of shape {list(self.size)}"
+        return None
+
 
 class _OpaqueBytes:
     """Stand-in for ``io.BytesIO``: keeps the buffer's bytes and nothing else."""
@@ -259,6 +296,12 @@ class LazyStateDict(Mapping[str, Any]):
     def nbytes(self, key: str) -> int:
         return self._ref(key).nbytes
 
+    def geometry_problem(self, key: str, *, contiguous: bool = True) -> str | None:
+        """Why tensor ``key`` cannot be a stored weight (``TensorRef.geometry_problem``), or None; reads no data."""
+        ref = self._ref(key)
+        info = self._records.get(ref.storage.key)
+        return ref.geometry_problem(None if info is None else info.file_size, contiguous=contiguous)
+
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (dim 0) of tensor ``key``, reading only their bytes."""
         ref = self._ref(key)
@@ -277,10 +320,7 @@ class LazyStateDict(Mapping[str, Any]):
         info = self._records.get(ref.storage.key)
         if self.origin is None or info is None or end > info.file_size or end - start != ref.nbytes:
             return None
-        expected, step = [], 1
-        for n in reversed(ref.size):
-            expected.insert(0, step)
-            step *= n
+        expected = ref.contiguous_strides()
         if any(n > 1 and s != e for n, s, e in zip(ref.size, ref.stride, expected, strict=True)):
             return None
         return self.origin[0], self.origin[1] + self._data_offset(ref.storage.key, info) + start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from neva_tools.utils.resources import peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d{1,9})\.")
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION = {"fp32": 32, "bf16": "bf16", "fp16": 16}
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -60,9 +63,18 @@ def source_dtype(config: dict[str, Any]) -> str:
 
 
 def check_tensors(ckpt: HFCheckpoint, arch: LlamaArch) -> list[str]:
-    """Check names and shapes against the table; return the HF names to ignore. Problems are listed by name."""
-    expected = {name for _, hf_names, _ in arch.entries() for name in hf_names}
+    """Check names and shapes against the table; return the HF names to ignore. Problems are listed by name.
+
+    The layer count is compared first, so a config.json claiming a huge ``num_hidden_layers`` cannot make the
+    table of expected names huge.
+    """
     present = set(ckpt.names())
+    layers = {int(m.group(1)) for n in present if (m := _HF_LAYER.match(n))}
+    if max(layers, default=-1) + 1 != arch.num_layers:
+        held = f"layers 0 to {max(layers)}" if layers else "no transformer layers (model.layers.N.*)"
+        raise NevaError(f"{ckpt.path}: config.json says num_hidden_layers {arch.num_layers} but the weights hold "
+                        f"{held}; fix config.json or use the one saved with these weights")  # fmt: skip
+    expected = {name for _, hf_names, _ in arch.entries() for name in hf_names}
     ignored = {n for n in present if n.endswith(IGNORED_HF_SUFFIXES)}
     if arch.tied and "lm_head.weight" in present:
         ignored.add("lm_head.weight")  # tied: some checkpoints still store the shared matrix
@@ -80,6 +92,19 @@ def check_tensors(ckpt: HFCheckpoint, arch: LlamaArch) -> list[str]:
     if problems:
         raise NevaError(f"{ckpt.path} does not match its config.json ({arch.family}):\n  " + "\n  ".join(problems))
     return sorted(ignored)
+
+
+def check_dtypes(ckpt: HFCheckpoint, arch: LlamaArch) -> None:
+    """Refuse weights the table maps that are not stored in a floating-point dtype (integers, fp8 without scales)."""
+    wrong = []
+    for _, hf_names, _ in arch.entries():
+        for n in hf_names:
+            dtype = ckpt.dtype(n)
+            if dtype is None or not dtype.is_floating_point:
+                wrong.append(f"{n} is stored as {ckpt.stored_dtype(n)}")
+    if wrong:
+        raise NevaError(f"{ckpt.path}: weights must be float32, bfloat16 or float16 (or float64): "
+                        + "; ".join(wrong[:10]) + (" …" if len(wrong) > 10 else ""))  # fmt: skip
 
 
 def fuse(parts: list[torch.Tensor], split: Split, arch: LlamaArch) -> torch.Tensor:
@@ -166,6 +191,7 @@ def convert_hf_to_nemo(
         arch = LlamaArch.from_hf_config(ckpt.config, source=str(src / "config.json"))
         tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
         check_tensors(ckpt, arch)
+        check_dtypes(ckpt, arch)
         dtype = dtype or source_dtype(ckpt.config)
         if dtype not in DTYPES:
             raise NevaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")

@@ -4,7 +4,9 @@ Full tensors are rebuilt from the source ranks with the mapping table's merge ru
 verified identical) and split again for the target ranks; vocabulary padding is recomputed for the
 target TP. Legacy outputs are laid out first and each tensor's parts are written into every target
 rank's file, copied file to file where they are rows of the stored shards (``convert.legacy_writer``),
-so memory holds about one tensor. Tokenizer and other artifacts are carried over.
+so memory holds about one tensor. Tokenizer and other artifacts that the config references (``nemo:``)
+are carried over; members nothing references are reported and left out. Every tensor's shape, dtype and
+storage is checked against ``model_config.yaml`` before anything is written (``checkpoint.nemo_tensors``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from neva_tools.checkpoint import nemo_vision
 from neva_tools.checkpoint import tp as tp_rules
 from neva_tools.checkpoint.nemo_archive import CONFIG_NAME, NemoArchive, artifact_name, weights_member
-from neva_tools.checkpoint.nemo_tensors import NemoTensors, load_arch
+from neva_tools.checkpoint.nemo_tensors import NemoTensors, divisible_by, load_arch
 from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.convert.dist_writer import write_dist_checkpoint
 from neva_tools.convert.hf_to_nemo import ConvertSummary
@@ -30,7 +32,7 @@ from neva_tools.convert.legacy_writer import Job, part_bytes, write_legacy
 from neva_tools.errors import NevaError
 from neva_tools.mappings.base import Split
 from neva_tools.mappings.nemo_legacy import mcore_to_legacy
-from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.tokenizer.vocab import padded_vocab_size
 from neva_tools.utils.atomic import NEMO_FILE, check_output_path
 from neva_tools.utils.log import progress
 from neva_tools.utils.resources import peak_rss_bytes
@@ -146,9 +148,15 @@ def repartition(
         if fmt == "dist" and any(name.startswith(nemo_vision.PREFIX) for name in tensors.names()):
             raise NevaError(f"{source} stores a trained vision tower (model.vision_model.*), which only the legacy "
                             "layout holds (NeVA readers take legacy files): use --format legacy")  # fmt: skip
-        divisible = int(cfg.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
+        divisible = divisible_by(cfg, str(archive.path))
         padded = padded_vocab_size(arch.vocab_size, tp, divisible)
-        config = new_config(archive.read_config(), cfg, tp, pp, arch.vocab_size, mcore=not legacy_names)
+        raw = archive.read_config()
+        artifacts, unreferenced = archive.split_artifacts(raw)
+        if unreferenced:
+            logger.warning("%s: not copying %d member(s) that %s does not reference (neither weights nor nemo: "
+                           "artifacts): %s", source, len(unreferenced), CONFIG_NAME,
+                           ", ".join(unreferenced[:5]) + (" …" if len(unreferenced) > 5 else ""))  # fmt: skip
+        config = new_config(raw, cfg, tp, pp, arch.vocab_size, mcore=not legacy_names)
         replaced = _replace_tokenizer(config, tokenizer_model)
         jobs = legacy_jobs(tensors, tp, pp, legacy_names) if fmt == "legacy" else []
         parameters = sum(math.prod(tensors.shape(name)) for name in tensors.names())
@@ -157,7 +165,7 @@ def repartition(
             NemoWriter(output, overwrite=overwrite) as writer,
             progress(total=total or 1, desc="repartition", unit="B", unit_scale=True) as bar,
         ):
-            for member in archive.other_members():
+            for member in artifacts:
                 if member != replaced:
                     with archive.open(member) as fin, writer.stream(member) as fout:
                         shutil.copyfileobj(fin, fout, 16 << 20)

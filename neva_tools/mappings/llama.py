@@ -8,6 +8,8 @@ from each other so nothing is typed by hand.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,17 +56,76 @@ LOCAL_SPEC_NAMES = {
 }
 
 
-def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+_MISSING = object()
+_FIX = "correct it, or use the config file written with these weights"
+
+
+def _required(cfg: Mapping[str, Any], key: str, source: str) -> Any:
+    """``cfg[key]``, or our error naming the file and the key."""
+    value = cfg.get(key)
+    if value is None:
+        raise NevaError(f"{source}: required key {key!r} is missing; add the model's {key}, or use the config file "
+                        "written with these weights")  # fmt: skip
+    return value
+
+
+def _count(value: Any, key: str, source: str, minimum: int = 1) -> int:
+    """A config value that must be an integer of at least ``minimum`` (``"32"`` and ``32.0`` pass), or our error
+    naming the file, the key and the value."""
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) or value == int(value) else None
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if isinstance(value, bool) or number is None or number < minimum:
+        raise NevaError(f"{source}: {key} is {value!r}; it must be an integer of at least {minimum}: {_FIX}")
+    return number
+
+
+def _int_key(cfg: Mapping[str, Any], key: str, default: Any = _MISSING, *, source: str) -> int:
+    """``cfg[key]`` as a positive integer; ``default`` when it is missing, None or 0 (required without one)."""
+    value = _required(cfg, key, source) if default is _MISSING else (cfg.get(key) or default)
+    return _count(value, key, source)
+
+
+def _real(value: Any, key: str, source: str) -> float:
+    """A config value that must be a finite number, or our error naming the file, the key and the value."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise NevaError(f"{source}: {key} is {value!r}; it must be a number: {_FIX}")
+    return number
+
+
+def _mapping(value: Any, key: str, source: str) -> dict[str, Any]:
+    """A config value that must be a mapping (None: empty), or our error naming the file, the key and the value."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise NevaError(f"{source}: {key} is {value!r}; it must be a mapping: {_FIX}")
+    return dict(value)
+
+
+def _rope(cfg: Mapping[str, Any], source: str = "config.json") -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling dict or None) from a transformers 4 (``rope_theta``/``rope_scaling``) or 5 config."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = _mapping(cfg.get("rope_parameters"), "rope_parameters", source)
+    scaling = _mapping(cfg.get("rope_scaling"), "rope_scaling", source)
+    scaling = scaling or {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = _real(params.get("rope_theta", cfg.get("rope_theta", 10000.0)), "rope_theta", source)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
         return theta, None
     if kind not in ("linear", "llama3"):
-        raise NevaError(f"rope scaling type {kind!r} in config.json is not supported; supported: linear, llama3")
+        raise NevaError(f"{source}: rope scaling type {kind!r} is not supported; supported: linear, llama3")
+    _real(scaling.get("factor"), "rope_scaling.factor", source)
     return theta, {**scaling, "rope_type": kind}
+
+
+def _check_groups(heads: int, groups: int, source: str) -> None:
+    if heads % groups:
+        raise NevaError(f"{source}: the number of attention heads ({heads}) must be a multiple of the number of "
+                        f"key/value heads ({groups}): {_FIX}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,38 +155,43 @@ class LlamaArch:
     # -- Hugging Face side -------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> LlamaArch:
-        """Read a HF ``config.json``; unsupported families and features are refused with what was found."""
-        archs = list(cfg.get("architectures") or [])
-        family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-        family = family or (cfg.get("model_type") if cfg.get("model_type") in MODEL_TYPES else None)
+        """Read a HF ``config.json``; unsupported families and features are refused with what was found, and
+        missing or ill-typed values with the key and the value."""
+        if not isinstance(cfg, Mapping):
+            raise NevaError(f"{source} holds a JSON {type(cfg).__name__}, not an object of model settings")
+        listed = cfg.get("architectures") or []
+        archs = [listed] if isinstance(listed, str) else listed if isinstance(listed, list) else []
+        family = next((ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in ARCHITECTURES), None)
+        model_type = cfg.get("model_type")
+        family = family or (model_type if isinstance(model_type, str) and model_type in MODEL_TYPES else None)
         if family is None:
-            found = archs or cfg.get("model_type")
+            found = listed or model_type
             supported = ", ".join(f"{a} ({f})" for a, f in ARCHITECTURES.items())
             raise NevaError(f"{source}: architecture {found!r} is not supported; supported families: {supported}")
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
                 raise NevaError(f"{source}: {flag}=true is not supported for {family} (megatron-core biases differ)")
-        heads = int(cfg["num_attention_heads"])
-        theta, scaling = _rope(cfg)
-        try:
-            return cls(
-                family=family,
-                num_layers=int(cfg["num_hidden_layers"]),
-                hidden_size=int(cfg["hidden_size"]),
-                ffn_hidden_size=int(cfg["intermediate_size"]),
-                num_heads=heads,
-                num_groups=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-                vocab_size=int(cfg["vocab_size"]),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tied=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=family == "qwen2",
-            )
-        except KeyError as exc:
-            raise NevaError(f"{source}: required key {exc.args[0]!r} is missing") from None
+        count = functools.partial(_int_key, cfg, source=source)
+        heads, hidden = count("num_attention_heads"), count("hidden_size")
+        groups = count("num_key_value_heads", heads)
+        _check_groups(heads, groups, source)
+        theta, scaling = _rope(cfg, source)
+        return cls(
+            family=family,
+            num_layers=count("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=count("intermediate_size"),
+            num_heads=heads,
+            num_groups=groups,
+            head_dim=count("head_dim", max(hidden // heads, 1)),
+            vocab_size=count("vocab_size"),
+            max_position_embeddings=count("max_position_embeddings", 4096),
+            norm_eps=_real(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2",
+        )
 
     def to_hf_config(self, base: Mapping[str, Any] | None = None, dtype: str = "float32") -> dict[str, Any]:
         """A HF ``config.json`` dict: ``base`` (the original config, if known) with every architecture field set."""
@@ -153,6 +219,12 @@ class LlamaArch:
             dtype=dtype,
         )
         return cfg
+
+    def mcore_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected full (TP=1, vocabulary unpadded) shape of every megatron-core tensor, read off the table: a
+        tensor fused from several HF tensors (QKV, gate/up) stacks them along dim 0."""
+        hf = self.hf_shapes()
+        return {nemo: (sum(hf[n][0] for n in names), *hf[names[0]][1:]) for nemo, names, _ in self.entries()}
 
     def hf_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of every HF tensor."""
@@ -222,37 +294,47 @@ class LlamaArch:
         return cfg
 
     @classmethod
-    def from_nemo_model_config(cls, cfg: Mapping[str, Any], vocab_size: int | None = None) -> LlamaArch:
-        """Read the architecture back from a NeMo ``model:`` section (ours or NeMo's own)."""
-        heads = int(cfg["num_attention_heads"])
+    def from_nemo_model_config(
+        cls, cfg: Mapping[str, Any], vocab_size: int | None = None, source: str = "model_config.yaml"
+    ) -> LlamaArch:
+        """Read the architecture back from a NeMo ``model:`` section (ours or NeMo's own); missing or ill-typed
+        values are our error naming ``source``, the key and the value."""
+        if not isinstance(cfg, Mapping):
+            raise NevaError(f"{source} holds a {type(cfg).__name__}, not a mapping of model settings")
+        count = functools.partial(_int_key, cfg, source=source)
+        heads, hidden = count("num_attention_heads"), count("hidden_size")
+        groups = count("num_query_groups", heads)
+        _check_groups(heads, groups, source)
         if cfg.get("seq_len_interpolation_factor"):
-            scaling = {"rope_type": "linear", "factor": float(cfg["seq_len_interpolation_factor"])}
+            factor = _real(cfg["seq_len_interpolation_factor"], "seq_len_interpolation_factor", source)
+            scaling: dict[str, Any] | None = {"rope_type": "linear", "factor": factor}
         elif cfg.get("scale_positional_embedding") or cfg.get("rope_scaling"):
             scaling = {  # NeMo's defaults are LLaMA-3.1's
                 "rope_type": "llama3",
-                "factor": float(cfg.get("rope_scaling_factor") or 8.0),
+                "factor": _real(cfg.get("rope_scaling_factor") or 8.0, "rope_scaling_factor", source),
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192,
-                **dict(cfg.get("rope_scaling") or {}),
+                **_mapping(cfg.get("rope_scaling"), "rope_scaling", source),
             }
         else:
             scaling = None
         vocab = vocab_size or cfg.get("vocab_size")
         if vocab is None:
-            raise NevaError("the model config has no vocab_size; pass the tokenizer so the vocabulary size is known")
+            raise NevaError(f"{source} has no vocab_size; pass the tokenizer so the vocabulary size is known")
+        positions = cfg.get("max_position_embeddings") or _required(cfg, "encoder_seq_length", source)
         return cls(
             family=str(cfg.get("hf_model_family", "qwen2" if cfg.get("qkv_bias") else "llama")),
-            num_layers=int(cfg["num_layers"]),
-            hidden_size=int(cfg["hidden_size"]),
-            ffn_hidden_size=int(cfg["ffn_hidden_size"]),
+            num_layers=count("num_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=count("ffn_hidden_size"),
             num_heads=heads,
-            num_groups=int(cfg.get("num_query_groups") or heads),
-            head_dim=int(cfg.get("kv_channels") or int(cfg["hidden_size"]) // heads),
-            vocab_size=int(vocab),
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or cfg["encoder_seq_length"]),
-            norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
-            rope_theta=float(cfg.get("rotary_base", 10000.0)),
+            num_groups=groups,
+            head_dim=count("kv_channels", max(hidden // heads, 1)),
+            vocab_size=_count(vocab, "vocab_size", source),
+            max_position_embeddings=_count(positions, "max_position_embeddings", source),
+            norm_eps=_real(cfg.get("layernorm_epsilon", 1e-5), "layernorm_epsilon", source),
+            rope_theta=_real(cfg.get("rotary_base", 10000.0), "rotary_base", source),
             rope_scaling=scaling,
             tied=bool(cfg.get("share_embeddings_and_output_weights", False)),
             qkv_bias=bool(cfg.get("qkv_bias", False)),
