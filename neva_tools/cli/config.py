@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from neva_tools.cli.common import positive_int
 
@@ -52,5 +53,38 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     for problem in problems:
         print(f"problem: {problem}")
-    print("OK: the config is valid" if not problems else f"FAILED: {len(problems)} problems")
-    return 1 if problems else 0
+    if problems:
+        print(f"FAILED: {len(problems)} problems")
+        return 1
+    return _check_data(args, cfg)
+
+
+def _check_data(args: argparse.Namespace, cfg: Any) -> int:
+    """The data check of a valid config (``neva_tools.train.data_check``): its per-record report when it fails, or
+    where the OK line points when it could not run."""
+    import shlex
+
+    from neva_tools.data.validate import format_report
+    from neva_tools.train.data_check import blocking, config_data_check, trainable_note
+
+    report, skipped = config_data_check(cfg, offline=args.offline)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    command = shlex.join(["neva", "data", "validate", "--config", config or "conf/neva_config.yaml",
+                          *(f"--set={o}" for o in overrides)])  # fmt: skip
+    if report is None:
+        later = f"; its data was not checked ({skipped}): run `{command}` before training" if skipped else ""
+        print(f"OK: the config is valid{later}")
+        return 0
+    if blocking(report):
+        print(format_report(report).rsplit("\n", 1)[0])  # the per-record problems and counts; the verdict below
+        records = len({(p.file, p.location) for p in blocking(report)})
+        print(f"FAILED: the config is valid but {records} record(s) of its data cannot be trained on; neva train "
+              f"would stop on them before building the model (`{command}` lists them all)")  # fmt: skip
+        return 1
+    if not report.ok:
+        print(f"note: {trainable_note(report, command)}")
+    print(f"OK: the config is valid; its data's {report.records} records can be trained on (structure, <image> "
+          f"counts, image files, token lengths within max_seq_length {cfg.model.data.max_seq_length})")  # fmt: skip
+    return 0

@@ -13,8 +13,11 @@ from neva_tools.data.mixture import FORMAT_HELP
 from neva_tools.errors import NevaError
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from neva_tools.data.anyres import ImageLayout
     from neva_tools.data.mmap import PreprocessSummary, TokenCount
+    from neva_tools.data.validate import Report
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -24,12 +27,19 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
 
     val = dsub.add_parser("validate", parents=[parent], help="check every record of a LLaVA JSON/JSONL dataset",
                           description="Report every problem with file, line/index, record id, what is wrong and "
-                          "what was found. Exit status 1 when any record is invalid.")  # fmt: skip
-    val.add_argument("annotations", nargs="+", help="LLaVA JSON (list) or JSONL files")
+                          "what was found. Exit status 1 when any record is invalid. With --config and no files: "
+                          "the datasets the training config trains on, checked as neva train checks them before it "
+                          "builds the model (its templates, tokenizer, max_seq_length, vision tower and image "
+                          "layout; the flags override them).")  # fmt: skip
+    val.add_argument("annotations", nargs="*", help="LLaVA JSON (list) or JSONL files (none with --config: the "
+                     "datasets it trains on)")  # fmt: skip
     val.add_argument("--image-folder", help="folder that relative image/video paths resolve against")
     _tokenization_args(val, required=False)
     val.add_argument("--workers", type=positive_int, default=1, help="processes for image decoding/tokenization")
     val.add_argument("--no-decode", action="store_true", help="check that images exist without decoding them")
+    val.add_argument("--allow-outside", action="store_true",
+                     help="accept image paths outside --image-folder (absolute, or with ..); without a folder any "
+                     "path is accepted")  # fmt: skip
     val.add_argument("--json", action="store_true", help="print the full report as JSON")
     val.set_defaults(func=run_validate)
 
@@ -68,15 +78,78 @@ def _tokenization_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--template", required=required, help="conversation template (plain, vicuna_v1, llama_2, …)")
     p.add_argument("--max-seq-length", type=positive_int, required=required, help="tokens after image expansion")
     p.add_argument("--image-tokens", type=positive_int, help="embeddings per image (default: from image/patch size)")
-    p.add_argument("--image-size", type=positive_int, default=336, help="vision encoder input size (default 336)")
-    p.add_argument("--patch-size", type=positive_int, default=14, help="vision encoder patch size (default 14)")
-    p.add_argument("--image-aspect-ratio", default="pad",
-                   help="model.data.image_aspect_ratio: pad, square, anyres or anyres_max_N (default pad)")  # fmt: skip
+    p.add_argument("--image-size", type=positive_int,
+                   help="vision encoder input size (default: --config's or --vision's tower, else 336)")  # fmt: skip
+    p.add_argument("--patch-size", type=positive_int,
+                   help="vision encoder patch size (default: --config's or --vision's tower, else 14)")  # fmt: skip
+    p.add_argument("--image-aspect-ratio",
+                   help="model.data.image_aspect_ratio: pad, square, anyres or anyres_max_N (default: --config's, "
+                   "else pad)")  # fmt: skip
     p.add_argument("--image-grid-pinpoints",
                    help="model.data.image_grid_pinpoints for anyres: \"(1x1),...,(3x3)\" or \"[[336,672],...]\" "
-                   "([height, width] px)")  # fmt: skip
-    p.add_argument("--mm-patch-merge-type", default="flat",
-                   help="model.mm_cfg.mm_patch_merge_type: flat, spatial or spatial_unpad (default flat)")  # fmt: skip
+                   "([height, width] px; default: --config's)")  # fmt: skip
+    p.add_argument("--mm-patch-merge-type",
+                   help="model.mm_cfg.mm_patch_merge_type: flat, spatial or spatial_unpad (default: --config's, else "
+                   "flat)")  # fmt: skip
+    tower = p.add_mutually_exclusive_group()
+    tower.add_argument("--config", metavar="RECIPE",
+                       help="a training config (recipe YAML over conf/neva_config.yaml): the vision tower's image and "
+                       "patch size (model.mm_cfg.vision_encoder.from_pretrained's config, no weights read), the image "
+                       "layout keys and use_im_start_end as training uses them")  # fmt: skip
+    tower.add_argument("--vision", metavar="ENCODER",
+                       help="the vision encoder (CLIP/SigLIP directory or open_clip NAME:CHECKPOINT): its image and "
+                       "patch size")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="config_overrides",
+                   help="an override of --config's keys, as neva train takes them (repeatable)")  # fmt: skip
+
+
+def _training_config(args: argparse.Namespace) -> DictConfig | None:
+    """The training config of ``--config`` (with ``--set`` overrides), or None."""
+    if args.config is None:
+        if args.config_overrides:
+            raise NevaError("--set overrides the keys of --config; give --config RECIPE too")
+        return None
+    from neva_tools.config.load import load_config
+
+    return load_config(args.config, args.config_overrides)
+
+
+def _tower_and_layout(args: argparse.Namespace, cfg: DictConfig | None) -> None:
+    """Fill ``args.image_size``/``patch_size`` and the layout flags not given: from ``--vision``'s or ``--config``'s
+    vision tower (its config, no weights) and ``--config``'s layout keys, else 336 px / patch 14, pad, flat."""
+    source, where = args.vision, f"--vision {args.vision}"
+    if cfg is not None:
+        source = cfg.model.mm_cfg.vision_encoder.from_pretrained
+        where = f"--config {args.config} (model.mm_cfg.vision_encoder.from_pretrained {source})"
+        if source is None and (args.image_size is None or args.patch_size is None):
+            raise NevaError(f"--config {args.config} sets no model.mm_cfg.vision_encoder.from_pretrained, so the "
+                            "vision tower's size is unknown; set it (--set) or give --image-size and "
+                            "--patch-size")  # fmt: skip
+    if source is not None and (args.image_size is None or args.patch_size is None):
+        from neva_tools.train.vision_arch import vision_arch
+
+        try:
+            arch = vision_arch(str(source))
+        except NevaError as exc:
+            raise NevaError(f"{where}: {exc}") from None
+        if arch is None:
+            raise NevaError(f"{where} is not a local vision encoder (a CLIP/SigLIP directory with config.json or "
+                            "open_clip_config.json) nor an open_clip NAME:CHECKPOINT")  # fmt: skip
+        args.image_size = args.image_size or arch.image_size
+        args.patch_size = args.patch_size or arch.patch_size
+    args.image_size, args.patch_size = args.image_size or 336, args.patch_size or 14
+    import yaml
+    from omegaconf import OmegaConf
+
+    data, mm = (cfg.model.data, cfg.model.mm_cfg) if cfg is not None else ({}, {})
+    args.image_aspect_ratio = args.image_aspect_ratio or data.get("image_aspect_ratio") or "pad"
+    pinpoints = args.image_grid_pinpoints
+    if isinstance(pinpoints, str) and pinpoints.strip().startswith("[["):
+        args.image_grid_pinpoints = yaml.safe_load(pinpoints)  # [height, width] pairs; "(1x1),...": as given
+    elif pinpoints is None and data.get("image_grid_pinpoints") is not None:
+        pinpoints = data.get("image_grid_pinpoints")
+        args.image_grid_pinpoints = pinpoints if isinstance(pinpoints, str) else OmegaConf.to_container(pinpoints)
+    args.mm_patch_merge_type = args.mm_patch_merge_type or mm.get("mm_patch_merge_type") or "flat"
 
 
 def _image_tokens(args: argparse.Namespace) -> int:
@@ -93,7 +166,7 @@ def _layout(args: argparse.Namespace) -> ImageLayout | None:
     from neva_tools.data.anyres import ImageLayout
 
     pinpoints = args.image_grid_pinpoints
-    if pinpoints is not None and pinpoints.strip().startswith("[["):
+    if isinstance(pinpoints, str) and pinpoints.strip().startswith("[["):
         pinpoints = yaml.safe_load(pinpoints)
     data = {"image_aspect_ratio": args.image_aspect_ratio, "image_grid_pinpoints": pinpoints}
     layout = ImageLayout.from_config(data, {"mm_patch_merge_type": args.mm_patch_merge_type}, args.image_size,
@@ -107,20 +180,62 @@ def _layout(args: argparse.Namespace) -> ImageLayout | None:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``neva data validate``."""
+    from neva_tools.data.templates import image_wrap
     from neva_tools.data.validate import Settings, format_report, validate
 
-    settings = Settings(
-        image_folder=args.image_folder,
-        tokenizer=args.tokenizer,
-        template=args.template,
-        max_seq_length=args.max_seq_length,
-        image_tokens=_image_tokens(args),
-        decode_images=not args.no_decode,
-        layout=_layout(args),
-    )
-    report = validate(args.annotations, settings, workers=args.workers)
+    cfg = _training_config(args)
+    _tower_and_layout(args, cfg)
+    if not args.annotations:
+        if cfg is None:
+            raise NevaError("give the annotation files to check, or --config RECIPE to check the datasets it trains on")
+        report = _validate_training_data(args, cfg)
+    else:
+        settings = Settings(
+            image_folder=args.image_folder,
+            tokenizer=args.tokenizer,
+            template=args.template,
+            max_seq_length=args.max_seq_length,
+            image_tokens=_image_tokens(args),
+            decode_images=not args.no_decode,
+            layout=_layout(args),
+            allow_outside=args.allow_outside,
+            im_start_end=(image_wrap(cfg.model.mm_cfg) or False) if cfg is not None else False,
+        )
+        report = validate(args.annotations, settings, workers=args.workers)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0 if report.ok else 1
+
+
+def _validate_training_data(args: argparse.Namespace, cfg: DictConfig) -> Report:
+    """The datasets of ``cfg`` checked as ``neva train`` checks them, the flags given overriding the config's keys."""
+    from omegaconf import OmegaConf
+
+    from neva_tools.train.data_check import check_data, tokenizer_path
+
+    if args.image_tokens:
+        raise NevaError("--image-tokens does not go with --config: the vision tower and the image layout give each "
+                        "image's count")  # fmt: skip
+    m = cfg.model
+    flags = {"data.image_folder": args.image_folder, "data.conv_template": args.template,
+             "data.max_seq_length": args.max_seq_length, "data.image_aspect_ratio": args.image_aspect_ratio,
+             "data.image_grid_pinpoints": args.image_grid_pinpoints,
+             "mm_cfg.mm_patch_merge_type": args.mm_patch_merge_type}  # fmt: skip
+    if args.allow_outside:
+        flags["data.allow_outside_image_folder"] = True
+    for key, value in flags.items():
+        if value is not None:
+            OmegaConf.update(m, key, value)
+    _layout(args)  # the layout keys' problems, named as flags
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        llm = m.mm_cfg.llm.from_pretrained
+        if not m.tokenizer.model and (llm is None or not Path(llm).is_file()):
+            raise NevaError(f"--config {args.config} has no tokenizer to count tokens with: model.tokenizer.model is "
+                            f"not set and model.mm_cfg.llm.from_pretrained ({llm}) is no file; give "
+                            "--tokenizer")  # fmt: skip
+        tokenizer = tokenizer_path(cfg)
+    return check_data(cfg, args.image_size, args.patch_size, tokenizer, workers=args.workers, show_progress=True,
+                      decode_images=not args.no_decode)  # fmt: skip
 
 
 def run_pack(args: argparse.Namespace) -> int:
@@ -129,17 +244,21 @@ def run_pack(args: argparse.Namespace) -> int:
     from neva_tools.data.images import ImageProcessor
     from neva_tools.data.packing import first_fit_decreasing
     from neva_tools.data.registry import DatasetSpec, DatasetUse
+    from neva_tools.data.templates import image_wrap
     from neva_tools.utils.atomic import PACK_PLAN, atomic_path, check_output_path
     from neva_tools.utils.log import progress
 
     if args.output:
         check_output_path(Path(args.output), args.overwrite, PACK_PLAN)
+    cfg = _training_config(args)
+    _tower_and_layout(args, cfg)
     folder = Path(args.image_folder) if args.image_folder else None
     use = DatasetUse(DatasetSpec("dataset", Path(args.annotations), folder, args.template))
     layout = _layout(args)
     aspect = layout.aspect if layout is not None else "pad"
+    wrap = (image_wrap(cfg.model.mm_cfg) or False) if cfg is not None else False
     ds = NevaDataset([use], args.tokenizer, ImageProcessor(args.image_size, aspect, layout=layout),
-                     image_tokens=_image_tokens(args))  # fmt: skip
+                     image_tokens=_image_tokens(args), im_start_end=wrap)  # fmt: skip
     lengths = [ds.length(i) for i in progress(range(len(ds)), desc="tokenize", unit="record")]
     names = [item.record.where() for item in ds.items]
     plan = first_fit_decreasing(lengths, args.max_seq_length, truncate=args.truncate, names=names)

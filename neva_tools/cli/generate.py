@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from neva_tools.cli.common import positive_int
+
+logger = logging.getLogger(__name__)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -79,6 +82,17 @@ def run(args: argparse.Namespace) -> int:
         out = answer(loaded, args.prompt, args.image, system=args.system, max_new_tokens=args.max_new_tokens,
                      sampling=sampling)  # fmt: skip
         if global_rank() == 0:
-            print(json.dumps({"answer": out.text, "stop": out.stop, "new_tokens": len(out.tokens)})
-                  if args.json else out.text)  # fmt: skip
+            if not out.text.strip():
+                logger.warning("%s", empty_answer_notice(out.stop, len(out.tokens)))
+            if args.json:
+                print(json.dumps({"answer": out.text, "stop": out.stop, "new_tokens": len(out.tokens)}))
+            elif out.text.strip():
+                print(out.text)
     return 0
+
+
+def empty_answer_notice(stop: str, new_tokens: int) -> str:
+    """What an empty answer means (nothing is printed on stdout for it, or ``"answer": ""`` with ``--json``)."""
+    why = "EOS first" if stop == "stop_token" and new_tokens == 0 else f"{new_tokens} token(s) of whitespace only"
+    return (f"the model produced an empty answer ({why}); a briefly trained model often does: train longer, check "
+            "that --template is the one it was trained with, or sample (--temperature 0.7)")  # fmt: skip

@@ -33,5 +33,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.no_progress:
         cfg.trainer.enable_progress_bar = False
-    train(cfg)
+    nemo = train(cfg)  # on global rank 0: the run's .nemo (also when the run had already finished)
+    if nemo is not None and args.quiet > args.verbose:
+        print(nemo)  # -q: the result alone, on stdout (as `docker build -q`); else the end-of-run summary names it
     return 0

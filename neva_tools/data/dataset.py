@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from neva_tools.data.images import ImageBatch, ImageProcessor
 from neva_tools.data.packing import first_fit_decreasing, pack_sequences
-from neva_tools.data.records import Record, load_annotations, resolve_media
+from neva_tools.data.records import Record, load_annotations, media_path_problem, media_problems, resolve_media
 from neva_tools.data.registry import DatasetUse, sample_indices
 from neva_tools.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, tokenize_conversation
 from neva_tools.errors import NevaError
@@ -40,9 +40,13 @@ class _Item:
     template: str
 
 
-def load_items(uses: Sequence[DatasetUse], default_template: str | None, seed: int) -> list[_Item]:
-    """The records a dataset list selects, in order; unparsable records are an error listing them."""
+def load_items(uses: Sequence[DatasetUse], default_template: str | None, seed: int, *,
+               allow_outside: bool = False) -> list[_Item]:  # fmt: skip
+    """The records a dataset list selects, in order; unparsable records, records training cannot use (video, malformed
+    ``image``/``images``) and image paths leaving the dataset's image folder (unless ``allow_outside``) are an error
+    listing them."""
     items = []
+    refused: list[str] = []
     for use in uses:
         ann = load_annotations(use.spec.annotation_path)
         if ann.errors:
@@ -53,7 +57,17 @@ def load_items(uses: Sequence[DatasetUse], default_template: str | None, seed: i
         if template is None:
             raise NevaError(f"dataset {use.spec.name!r} has no template; set one in the registry or data.conv_template")
         for i in sample_indices(len(ann.records), use.percent, seed, use.spec.name):
-            items.append(_Item(ann.records[i], use.spec.data_path, template))
+            record = ann.records[i]
+            why = [message for _, message, _ in media_problems(record)]
+            if not why:
+                paths = (media_path_problem(p, use.spec.data_path, allow_outside) for p in record.images)
+                why = [f"image {p!r}: {problem}" for p, problem in zip(record.images, paths, strict=True) if problem]
+            if why:
+                refused.append(f"{record.where()}: {why[0]}"[:300])
+            items.append(_Item(record, use.spec.data_path, template))
+    if refused:
+        raise NevaError(f"{len(refused)} records training cannot use ({'; '.join(refused[:5])}); fix or remove them "
+                        "(neva data validate lists them all)")  # fmt: skip
     return items
 
 
@@ -71,8 +85,9 @@ class NevaDataset(Dataset):
         max_seq_length: int | None = None,
         image_tokens: int = 576,
         im_start_end: bool | tuple[str, str] = False,
+        allow_outside: bool = False,
     ) -> None:
-        self.items = load_items(uses, template, seed)
+        self.items = load_items(uses, template, seed, allow_outside=allow_outside)
         self.im_start_end = im_start_end
         self.tokenizer_path = Path(tokenizer_path)
         self.image_processor = image_processor

@@ -5,6 +5,7 @@ normalisation (CLIP's or SigLIP's, see :meth:`ImageProcessor.for_encoder`)."""
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,12 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 #: megatron-core ``vision_model_type`` → (mean, std).
 NORMALIZATION = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 ASPECT_MODES = ("square", "pad")  # one view per image; anyres/anyres_max_N tile (neva_tools.data.anyres)
+#: Largest image accepted, in pixels (PIL's decompression-bomb threshold): a larger one is an error naming it, checked
+#: from the header before anything is decoded.
+MAX_PIXELS = 89_478_485
+#: What PIL raises on a corrupt, truncated or hostile image file.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error,
+                  Image.DecompressionBombError)  # fmt: skip
 
 
 def image_token_count(image_size: int, patch_size: int, class_token: bool = False) -> int:
@@ -60,11 +67,36 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image file from its header (no decoding); a missing or unreadable file is an error."""
     try:
         with Image.open(path) as img:
+            _check_pixels(img, path)
             return img.height, img.width
     except FileNotFoundError:
         raise NevaError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except _DECODE_ERRORS as exc:
         raise NevaError(f"image {path} cannot be decoded ({exc})") from None
+
+
+def _check_pixels(img: Image.Image, path: str | os.PathLike) -> None:
+    if img.width * img.height > MAX_PIXELS:
+        raise NevaError(f"image {path} is {img.width}×{img.height} = {img.width * img.height} pixels, above the "
+                        f"limit of {MAX_PIXELS} (a decompression bomb, or an image to downscale first)")  # fmt: skip
+
+
+def to_rgb(img: Image.Image, path: str | os.PathLike = "image") -> Image.Image:
+    """``img`` as 8-bit RGB: 16/32-bit integer greyscale (``I;16*``, ``I``) scaled from 0..65535 to 0..255 (PIL's own
+    conversion clips it, turning most pixels white); palette images through their palette (transparency dropped);
+    float images (``F``) are refused. Always a new image."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+
+        values = np.asarray(img).astype(np.int64)
+        eight = (np.clip(values, 0, 65535) + 128) // 257
+        return Image.fromarray(eight.astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        raise NevaError(f"image {path} has 32-bit float pixels (mode F), which have no defined range; save it as "
+                        "8-bit RGB")  # fmt: skip
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")  # a copy: the caller may close img
 
 
 @dataclass(frozen=True)
@@ -109,11 +141,12 @@ class ImageProcessor:
         """Open and fully decode an image as RGB; a missing or corrupt file is an error naming it."""
         try:
             with Image.open(path) as img:
+                _check_pixels(img, path)
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img, path)
         except FileNotFoundError:
             raise NevaError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except _DECODE_ERRORS as exc:
             raise NevaError(f"image {path} cannot be decoded ({exc})") from None
 
     def to_square(self, img: Image.Image) -> Image.Image:

@@ -20,24 +20,39 @@ from pathlib import Path
 from typing import Any
 
 from neva_tools.data.anyres import ImageLayout, sample_image_tokens
-from neva_tools.data.records import IMAGE_PLACEHOLDER, ROLES, Record, RecordError, iter_records, resolve_media
+from neva_tools.data.records import (
+    IMAGE_PLACEHOLDER,
+    ROLES,
+    Record,
+    RecordError,
+    iter_records,
+    media_path_problem,
+    media_problems,
+    resolve_media,
+)
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import progress
 
 #: Every kind of problem the validator reports.
 KINDS = (
     "unparsable_json",
+    "not_utf8",
+    "too_deep",
     "not_an_object",
     "missing_conversations",
     "bad_turn",
     "unknown_role",
     "roles_not_alternating",
     "empty_turn",
+    "bad_image_field",
+    "bad_text",
+    "image_outside_folder",
     "image_count_mismatch",
     "image_in_answer",
     "image_missing",
     "image_unreadable",
     "video_missing",
+    "video_unsupported",
     "template_error",
     "too_long",
 )
@@ -55,9 +70,19 @@ class Problem:
     found: str = ""
 
     def __str__(self) -> str:
-        rid = f" (id {self.record_id})" if self.record_id is not None else ""
-        found = f" — found: {self.found}" if self.found else ""
-        return f"{self.file}:{self.location}{rid}: {self.kind}: {self.message}{found}"
+        rid = f" (id {_printable(self.record_id)})" if self.record_id is not None else ""
+        found = f" — found: {_printable(self.found)}" if self.found else ""
+        return f"{_printable(self.file)}:{self.location}{rid}: {self.kind}: {_printable(self.message, 600)}{found}"
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` safe to print: characters that are not printable (control characters, lone surrogates from bytes
+    that are not UTF-8) escaped, and at most ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
 @dataclass
@@ -71,6 +96,8 @@ class Settings:
     image_tokens: int = 576
     decode_images: bool = True
     layout: ImageLayout | None = None  # counts each image's embeddings (AnyRes); None: image_tokens each
+    allow_outside: bool = False  # image paths may leave image_folder (absolute, ..); without a folder they always may
+    im_start_end: bool | tuple[str, str] = False  # the two tokens around each image (model.mm_cfg.use_im_start_end)
 
 
 @dataclass
@@ -164,8 +191,7 @@ def _structure(record: Record, add: Any) -> list[tuple[str, str]] | None:
 def check_record(record: Record | RecordError, settings: Settings) -> tuple[list[Problem], dict[str, int]]:
     """All problems of one record, and its counts (images, videos, text_only, length)."""
     if isinstance(record, RecordError):
-        kind = "not_an_object" if "not a JSON object" in record.message else "unparsable_json"
-        return [Problem(record.source, record.location, None, kind, record.message, record.found)], {}
+        return [Problem(record.source, record.location, None, record.kind, record.message, record.found)], {}
     problems: list[Problem] = []
     rid = str(record.raw["id"]) if "id" in record.raw else None
 
@@ -174,8 +200,14 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
 
     images, video = record.images, record.video
     stats = {"images": len(images), "videos": int(video is not None), "text_only": int(not images and not video)}
+    media = media_problems(record)
+    for kind, message, found in media:
+        add(kind, message, found)
+    bad_field = any(kind == "bad_image_field" for kind, _, _ in media)
+    if bad_field:
+        images = []  # what the fields name is unknown: no image or placeholder check
     turns = _structure(record, add)
-    if turns is not None:
+    if turns is not None and not bad_field:
         placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
         if placeholders != len(images):
             add("image_count_mismatch", f"{placeholders} <image> placeholders but {len(images)} images",
@@ -186,7 +218,10 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
     for path in images:
         full = resolve_media(path, settings.image_folder)
         sizes.append(None)
-        if not full.is_file():
+        outside = media_path_problem(path, settings.image_folder, settings.allow_outside)
+        if outside is not None:
+            add("image_outside_folder", outside, path)
+        elif not _is_file(full):
             add("image_missing", "image file not found", str(full))
         elif settings.decode_images or need_sizes:
             from neva_tools.data.images import ImageProcessor, image_size_of
@@ -199,14 +234,14 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
                     sizes[-1] = image_size_of(full)
             except NevaError as exc:
                 add("image_unreadable", "image cannot be decoded", str(exc))
-    if video is not None and not resolve_media(video, settings.image_folder).is_file():
+    if video is not None and not _is_file(resolve_media(video, settings.image_folder)):
         add("video_missing", "video file not found", str(resolve_media(video, settings.image_folder)))
     if turns is not None and not problems and settings.tokenizer and settings.template:
         from neva_tools.data.templates import tokenize_conversation
 
         try:
             tok = tokenize_conversation(record.turns(), settings.template, _tokenizer(settings.tokenizer),
-                                        where=record.where())  # fmt: skip
+                                        where=record.where(), im_start_end=settings.im_start_end)  # fmt: skip
         except NevaError as exc:
             add("template_error", f"template {settings.template!r} cannot render this record", str(exc))
         else:
@@ -222,26 +257,55 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
     return problems, stats
 
 
-def _check(args: tuple[Record | RecordError, Settings]) -> tuple[list[Problem], dict[str, int]]:
-    return check_record(*args)
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path the system refuses (too long, NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
-def validate(paths: Iterable[str | os.PathLike], settings: Settings, workers: int = 1) -> Report:
-    """Validate annotation files; ``workers > 1`` checks records (image decoding, tokenization) in a pool."""
+_POOL_SETTINGS: Settings | None = None  # a pool worker's settings, sent once (not with every record)
+
+
+def _init_worker(settings: Settings) -> None:
+    global _POOL_SETTINGS
+    _POOL_SETTINGS = settings
+
+
+def _check(record: Record | RecordError) -> tuple[list[Problem], dict[str, int]]:
+    return check_record(record, _POOL_SETTINGS or Settings())
+
+
+def validate(paths: Iterable[str | os.PathLike], settings: Settings, workers: int = 1, *,
+             report: Report | None = None, show_progress: bool = True) -> Report:  # fmt: skip
+    """Validate annotation files; ``workers > 1`` checks records (image decoding, tokenization) in a pool.
+
+    The records of ``paths`` are added to ``report`` when given (several datasets with different settings, one
+    report). A tokenizer that cannot be loaded is one error about the tokenizer, before any record is read.
+    """
     if settings.template and not settings.tokenizer:
         raise NevaError("--template needs --tokenizer to check token lengths")
     if settings.template:
         from neva_tools.data.templates import get_template
 
         get_template(settings.template)
+    if settings.tokenizer:
+        try:
+            _tokenizer(settings.tokenizer)
+        except NevaError as exc:
+            raise NevaError(f"cannot check token lengths: {exc}; no record was checked (the tokenizer is a "
+                            "sentencepiece .model or a Hugging Face tokenizer directory)") from None  # fmt: skip
     if settings.image_folder is not None and not Path(settings.image_folder).is_dir():
         raise NevaError(f"--image-folder {settings.image_folder} is not a directory")
-    report = Report()
-    items = ((record, settings) for path in paths for record in iter_records(path))
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    report = Report() if report is None else report
+    items = (record for path in paths for record in iter_records(path))
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(settings,))
     try:
-        results = pool.imap(_check, items, chunksize=64) if pool else map(_check, items)
-        for problems, stats in progress(results, desc="validate", unit="record"):
+        results = pool.imap(_check, items, chunksize=256) if pool else (check_record(r, settings) for r in items)
+        for problems, stats in progress(results, desc="validate", unit="record", disable=not show_progress):
             report.records += 1
             report.images += stats.get("images", 0)
             report.videos += stats.get("videos", 0)

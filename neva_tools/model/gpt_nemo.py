@@ -38,7 +38,7 @@ def save_gpt_nemo(model: torch.nn.Module, output: str | Path, source: str | Path
 
     def copy_source_artifacts(writer: NemoWriter) -> None:
         with NemoArchive(source) as archive:
-            for name in archive.other_members():
+            for name in archive.split_artifacts()[0]:  # the members the config references (not junk)
                 with archive.open(name) as fin, writer.stream(name) as fout:
                     shutil.copyfileobj(fin, fout, 16 << 20)
 

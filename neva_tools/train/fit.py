@@ -56,7 +56,11 @@ def accumulation(settings: TrainerSettings, world: int) -> int:
 
     model_parallel = settings.tensor_model_parallel_size * settings.pipeline_model_parallel_size
     if world % model_parallel:
-        raise NevaError(f"world size ({world}) must be divisible by TP×PP ({model_parallel})")
+        plain = "a plain `neva train` is one process; " if world == 1 else ""
+        raise NevaError(f"world size ({world}) must be divisible by TP×PP ({model_parallel}): {plain}launch a multiple "
+                        f"of {model_parallel} processes, one per GPU, e.g. `scripts/train.sh {model_parallel} CONFIG "
+                        "[key=value ...]` (torchrun on one node) or `sbatch ... scripts/train.sh slurm CONFIG` "
+                        "(srun)")  # fmt: skip
     dp = world // model_parallel
     per_step = settings.micro_batch_size * dp
     if settings.global_batch_size % per_step:

@@ -187,6 +187,24 @@ def _datasets(cfg: DictConfig) -> list[Any]:
     return parse_dataset_list(str(data.data_path), load_registry(data.registry))
 
 
+def data_precheck(cfg: DictConfig, tokenizer: Path) -> None:
+    """The data check of ``neva_tools.train.data_check`` on global rank 0, for the vision tower's size read from its
+    config: a bad record stops the job here, with the per-record report of ``neva data validate``.
+
+    Only rank 0 reads the data: the other ranks go on loading, and when rank 0 stops with the report the launcher
+    (``scripts/train.sh``'s torchrun, ``srun --kill-on-bad-exit``) stops them, so the report is printed once.
+    """
+    import sys
+
+    from neva_tools.model.parallel import launch_env
+    from neva_tools.train.data_check import precheck, vision_size
+
+    size = vision_size(cfg)
+    if size is None or launch_env().rank != 0:
+        return
+    precheck(cfg, *size, tokenizer, show_progress=sys.stderr.isatty() and bool(cfg.trainer.enable_progress_bar))
+
+
 def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
     """Keep the merged config as ``run_dir/config.yaml`` (global rank 0; what exports of unfinished runs read)."""
     from neva_tools.model.parallel import launch_env
@@ -268,6 +286,7 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     tokenizer = (
         Path(m.tokenizer.model) if m.tokenizer.model else neva_io.extract_tokenizer(llm_path, neva_io.scratch_dir())
     )
+    data_precheck(cfg, tokenizer)  # every record, before any weight is read
     source, pretrained = _vision_source(m.mm_cfg.vision_encoder)
     select = int(m.mm_cfg.vision_encoder.vision_select_layer)
     state, arch, kind = read_clip_vision(source, pretrained=pretrained)  # CLIP or SigLIP
@@ -282,8 +301,8 @@ def _train_neva(cfg: DictConfig) -> Path | None:
                                            layout=layout)  # fmt: skip
     dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
-                          image_tokens=image_tokens,
-                          im_start_end=image_wrap(m.mm_cfg) or False)  # fmt: skip
+                          image_tokens=image_tokens, im_start_end=image_wrap(m.mm_cfg) or False,
+                          allow_outside=bool(m.data.get("allow_outside_image_folder", False)))  # fmt: skip
     if m.data.packing:
         dataset = PackedNevaDataset(dataset, int(m.data.max_seq_length))
         logger.info("packed %d samples into %d rows of %d tokens (%.0f%% full)", len(dataset.base), len(dataset),

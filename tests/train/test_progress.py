@@ -104,7 +104,10 @@ def test_a_line_at_least_every_30_seconds(tmp_path: Path, caplog: pytest.LogCapt
 
 def test_bar_on_a_terminal_and_no_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    import neva_tools.utils.log as log_mod
+
     caplog.set_level(logging.INFO)
+    monkeypatch.setattr(log_mod, "_PROGRESS_ENABLED", True)  # an earlier main([... "--no-progress"]) may have left it
     monkeypatch.setattr(progress_mod, "is_terminal", lambda stream: True)
     stream = io.StringIO()
     _, progress = drive(tmp_path, 6, log_every=2, seconds_per_step=1.0, stream=stream, bar=True)

@@ -271,7 +271,8 @@ def test_text_pretraining_configs_get_the_text_rules(files: dict[str, Path]) -> 
     text = ["model.text_pretrain.enabled=true", "model.text_pretrain.data_path=corpus_text_document",
             f"model.mm_cfg.llm.from_pretrained={files['llm']}"]  # fmt: skip
     assert check_config(load_config(None, [*text, "model.data.conv_template=nope"])) == []  # NeVA keys do not apply
-    assert _fires(check_config(load_config(None, [*text, "model.text_pretrain.seq_length=0"])), "seq_length (0)")
+    every = ["model.text_pretrain.eval_interval=5", "model.text_pretrain.eval_iters=0"]
+    assert _fires(check_config(load_config(None, [*text, *every])), "eval_interval (5)")
     problems = check_config(load_config(None, [*text, "model.tensor_model_parallel_size=4"]), offline=False)
     assert _fires(problems, "tensor_model_parallel_size (4) must divide num_query_groups (2)")
 
