@@ -14,8 +14,10 @@ Differences from Megatron's tool, on purpose:
 - an empty text is a document with one empty sequence (``[EOD]`` with ``append_eod``), so documents,
   sequences and input lines always match (Megatron's tool writes a document with no sequence);
 - both files are written under hidden temporary names next to the target and renamed together at the
-  end: a failure or interrupt leaves neither. ``overwrite`` replaces only an earlier ``.bin``/``.idx`` pair
-  (the ``.idx`` starting with megatron's ``MMIDIDX`` header), never other files;
+  end: a failure or interrupt leaves neither (a killed run's temporaries, named by its pid, are removed
+  with a note by the next run writing the same output; a full disk is an error naming the output).
+  ``overwrite`` replaces only an earlier ``.bin``/``.idx`` pair (the ``.idx`` starting with megatron's
+  ``MMIDIDX`` header), never other files;
 - with ``workers > 1`` at most ``4 * workers`` chunks are in flight (``Pool.imap`` reads the whole input
   ahead when the workers are slower than the reader); the output is byte-identical to ``workers=1``.
 
@@ -32,7 +34,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,7 +45,16 @@ from typing import Any
 import numpy as np
 
 from neva_tools.errors import NevaError
-from neva_tools.utils.atomic import MMAP_BIN, MMAP_IDX, check_output_path
+from neva_tools.utils.atomic import (
+    MMAP_BIN,
+    MMAP_IDX,
+    check_output_path,
+    disk_full,
+    disk_full_error,
+    kill_point,
+    remove_stale_temporaries,
+    temp_path,
+)
 from neva_tools.utils.log import progress
 
 _SNIPPET = 80
@@ -134,6 +144,8 @@ class _Encoder:
         except json.JSONDecodeError as exc:
             message = f"not valid JSON ({exc.msg} at column {exc.colno}): {snippet}; fix or remove the line"
             raise _BadLine(message) from None
+        except RecursionError:
+            raise _BadLine(f"nested too deeply to parse: {snippet}; fix or remove the line") from None
         if not isinstance(record, dict):
             raise _BadLine(f"expected a JSON object, found a {type(record).__name__}: {snippet}")
         if self.json_key not in record:
@@ -245,7 +257,9 @@ def preprocess_jsonl(
         raise NevaError(f"tokenizer {tokenizer_path} has no EOS token, so append_eod cannot be used; drop it")
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = _temp_path(bin_path), _temp_path(idx_path)
+    for target in (bin_path, idx_path):  # left by a killed run (its pid gone): removed with a note
+        remove_stale_temporaries(target)
+    tmp_bin, tmp_idx = temp_path(bin_path), temp_path(idx_path)
     args = (str(tokenizer_path), json_key, eod, np.dtype(dtype).str)
 
     documents = tokens = blank = 0
@@ -256,6 +270,7 @@ def preprocess_jsonl(
             bar.total = _count_lines(inputs)
             bar.refresh()
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        kill_point("preprocess")
         with _tokenizer_pool(workers, args) as encode:
             for path in inputs:
                 for (_first, lines), (ids, lengths, chunk_blank, error) in encode(_chunks(path, chunk_size)):
@@ -276,11 +291,15 @@ def preprocess_jsonl(
         except BaseException:
             bin_path.unlink(missing_ok=True)
             raise
-    except BaseException:
+    except BaseException as exc:
         if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
+            with contextlib.suppress(OSError):  # on a full disk, closing flushes the buffer and fails again
+                builder.data_file.close()
         tmp_bin.unlink(missing_ok=True)
         tmp_idx.unlink(missing_ok=True)
+        full = disk_full(exc)
+        if full is not None:
+            raise disk_full_error(bin_path, full, removed="the partial .bin and .idx were removed") from None
         raise
     finally:
         bar.close()
@@ -295,11 +314,6 @@ def preprocess_jsonl(
         dtype=np.dtype(dtype).name,
         seconds=time.perf_counter() - start,
     )
-
-
-def _temp_path(target: Path) -> Path:
-    """A hidden, unused name next to ``target`` (not created: the writers create it with the umask's mode)."""
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ parts into the tar, so no rank ever holds another rank's weights.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -174,5 +173,8 @@ def save_neva_nemo(model: Any, output: str | Path, config: dict[str, Any], *, in
 
 
 def scratch_dir() -> Path:
-    """A temporary directory for extracted artifacts that lives as long as the process."""
-    return Path(tempfile.mkdtemp(prefix="neva-"))
+    """A temporary directory for extracted artifacts (the tokenizer of a ``.nemo``), removed when the process exits;
+    those of killed processes are removed by the next call (``neva_tools.utils.atomic.scratch_directory``)."""
+    from neva_tools.utils.atomic import scratch_directory
+
+    return scratch_directory()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.tokens import TokenResult
-from neva_tools.utils.atomic import HF_TOKENIZER_DIR, atomic_path
+from neva_tools.utils.atomic import HF_TOKENIZER_DIR, atomic_path, make_temp, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,8 @@ def add_special_tokens(
 
 def _save_in_place(tok: Any, dst: Path, results: list[TokenResult]) -> None:
     """Save into a temporary sibling directory, verify, then move each tokenizer file over its original."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    remove_stale_temporaries(dst)
+    tmp = make_temp(dst, is_dir=True)
     try:
         tok.save_pretrained(str(tmp))
         _verify(tmp, results)

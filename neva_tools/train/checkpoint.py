@@ -9,14 +9,22 @@ optimizer gathers its shards into the same shapes, master weights as ``optimizer
 callbacks, the module's schedulers, the optimizer's param groups, step and loss scaler. Loading builds the same
 structure from the *current* model and optimizer, so megatron-core reshards on load when the TP or DP size differs.
 A checkpoint resumes with the optimizer (``model.optim.name``) and precision it was written with.
+
+A checkpoint is complete once megatron-core wrote its ``metadata.json`` (last); :func:`problems` checks a complete
+one before a run resumes from it (its small files readable, every tensor file as long as ``.metadata`` records), so
+a file cut short by a full disk or an interrupted copy makes the run fall back to an earlier checkpoint
+(``neva_tools.train.paths.resume_checkpoint``). Saving over an unusable checkpoint of the same step replaces it; a
+full disk while saving is a ``NevaError`` naming the checkpoint, the incomplete one removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import shutil
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -115,15 +123,97 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any, common: 
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
-    if torch.distributed.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        _clear_for_save(directory)
     torch.distributed.barrier()
     request = _model_request(model)
     sharded: dict[str, Any] = {"model": request}
     if optimizer is not None:
         sharded["optimizer"] = _optimizer_request(optimizer, request, is_loading=False)
     sharded["common"] = common
-    dist_checkpointing.save(sharded, str(directory))
+    try:
+        with _common_save_shared():
+            dist_checkpointing.save(sharded, str(directory))
+    except BaseException as exc:
+        _raise_write_failure(exc, directory, rank0)
+        raise
+
+
+@contextlib.contextmanager
+def _common_save_shared() -> Iterator[None]:
+    """megatron-core's common part (``common.pt``, written by rank 0 first) made to fail like the rest of a save.
+
+    ``torch.save`` to a path reports a full disk as ``unexpected pos …`` (no errno, no file name): the part is
+    serialized in memory (it is small: loops, callbacks, schedulers, param groups) and written with Python's file
+    I/O, whose ``OSError`` names both. Rank 0's failure is broadcast, so every rank raises it instead of the others
+    waiting for rank 0 in the sharded save's collectives.
+    """
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonSaveStrategy
+
+    original = TorchCommonSaveStrategy.save_common
+
+    def save_common(self: Any, common_state_dict: Any, checkpoint_dir: str | Path) -> None:
+        failure: BaseException | None = None
+        if torch.distributed.get_rank() == 0:
+            try:
+                buffer = io.BytesIO()
+                torch.save(common_state_dict, buffer)
+                with open(os.path.join(checkpoint_dir, COMMON_STATE_FNAME), "wb") as fh:
+                    fh.write(buffer.getbuffer())
+            except Exception as exc:
+                failure = exc
+        shared: list[Any] = [None if failure is None else failure if isinstance(failure, OSError) else
+                             RuntimeError(f"rank 0 could not write {COMMON_STATE_FNAME}: {failure}")]  # fmt: skip
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if failure is not None:
+            raise failure
+        if shared[0] is not None:
+            raise shared[0]
+
+    TorchCommonSaveStrategy.save_common = save_common
+    try:
+        yield
+    finally:
+        TorchCommonSaveStrategy.save_common = original
+
+
+def _clear_for_save(directory: Path) -> None:
+    """Make way for a checkpoint at ``directory`` (rank 0). megatron-core writes over what is there and keeps the old
+    ``metadata.json`` until it writes its own, so an unusable checkpoint of this step (incomplete, or with
+    :func:`problems`: the run resumed from an earlier one) is removed, and a usable one loses its ``metadata.json``
+    first: a save that stops half-way leaves an incomplete checkpoint, never a mix that looks complete."""
+    if directory.is_dir() and any(directory.iterdir()):
+        if not (directory / "metadata.json").is_file() or problems(directory):
+            remove(directory)
+        else:
+            (directory / "metadata.json").unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _raise_write_failure(exc: BaseException, directory: Path, rank0: bool) -> None:
+    """A full disk (also inside torch's ``CheckpointException``, from any rank) or another ``OSError`` while saving
+    ``directory`` as a ``NevaError`` naming it; rank 0 removes the incomplete checkpoint. Other errors: return (the
+    caller re-raises them)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from neva_tools.errors import NevaError
+    from neva_tools.utils.atomic import disk_full, disk_full_error
+
+    full = disk_full(exc)
+    if full is None and not rank0 and isinstance(exc, CheckpointException) and not exc.failures:
+        # megatron-core gives the failures' details to the coordinator (rank 0) only
+        raise NevaError(f"could not save checkpoint {directory}: writing failed on some rank; rank 0 reports why")
+    if full is None and not isinstance(exc, OSError):
+        return
+    if rank0:
+        remove(directory)
+    if full is not None:
+        removed = "the incomplete checkpoint was removed (a re-run resumes from the last complete one)"
+        raise disk_full_error(directory, full, removed=removed) from None
+    if isinstance(exc, OSError):
+        raise NevaError(f"could not save checkpoint {directory}: {exc.strerror or exc} ({exc.filename or directory}); "
+                        "the incomplete checkpoint was removed") from None  # fmt: skip
 
 
 def _describe(engine: dict[str, Any] | None) -> str:
@@ -202,6 +292,78 @@ def latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root``, or None."""
     found = list(checkpoints(root))
     return found[-1] if found else None
+
+
+def problems(directory: str | Path) -> list[str]:
+    """Why the complete checkpoint ``directory`` cannot be resumed from, each naming its file (empty: usable).
+
+    Reads the small files through ``neva_tools.checkpoint.safe_dist`` (``metadata.json``; ``.metadata`` through the
+    allow-list unpickler; every ``*.pt``, ``common.pt`` included, with ``weights_only``) and checks that every tensor
+    file (``*.distcp``) holds the bytes ``.metadata`` records in it: a file cut short or missing is found, altered
+    bytes are not. Every rank may call this (no collective).
+    """
+    from neva_tools.checkpoint import safe_dist
+    from neva_tools.errors import NevaError
+
+    safe_dist.install()
+    directory = Path(directory)
+    found: list[str] = []
+    try:
+        safe_dist._backends(directory, str(directory))
+    except NevaError as exc:
+        found.append(str(exc))
+    metadata = None
+    path = directory / ".metadata"
+    try:
+        with open(path, "rb") as stream:
+            metadata = safe_dist.load_metadata(stream, str(path))
+    except NevaError as exc:
+        found.append(str(exc))
+    except OSError as exc:
+        found.append(f"{path} cannot be read ({exc.strerror or exc})")
+    if not (directory / "common.pt").is_file():
+        found.append(f"{directory / 'common.pt'} is missing")
+    for path in sorted(directory.rglob("*.pt")):
+        try:
+            safe_dist.weights_only_load(path, str(path))
+        except NevaError as exc:
+            first = str(exc).split(". ")[0]  # torch's zip reader appends paragraphs of advice
+            found.append(first + ")" * (first.count("(") - first.count(")")))
+    if metadata is not None:
+        found += _shard_problems(directory, metadata)
+    return found
+
+
+def _shard_problems(directory: Path, metadata: Any) -> list[str]:
+    """Tensor files missing or shorter than the end of the last item ``.metadata`` records in them."""
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        needed[name] = max(needed.get(name, 0), int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0)))
+    if not needed and getattr(metadata, "state_dict_metadata", None):
+        return [f"{directory / '.metadata'} records no tensor files"]
+    found = []
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        if not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            found.append(f"{directory / '.metadata'} names a tensor file outside the checkpoint ({name!r})")
+        elif not path.is_file():
+            found.append(f"{path} is missing (.metadata records {size:,} bytes in it)")
+        elif (have := path.stat().st_size) < size:
+            found.append(f"{path} is cut short: {have:,} bytes, .metadata records {size:,}")
+    return found
+
+
+def latest_usable(root: str | Path) -> tuple[Path | None, dict[Path, list[str]]]:
+    """The newest complete checkpoint under ``root`` without :func:`problems` (or None), and the newer complete ones
+    that have problems, newest first, with their problems."""
+    skipped: dict[Path, list[str]] = {}
+    for path in reversed(list(checkpoints(root))):
+        found = problems(path)
+        if not found:
+            return path, skipped
+        skipped[path] = found
+    return None, skipped
 
 
 def remove(directory: str | Path) -> None:

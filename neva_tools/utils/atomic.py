@@ -1,7 +1,11 @@
 """Atomic outputs: write to a temporary path next to the target, rename when complete.
 
-A failure (exception, Ctrl-C, kill) never leaves a half-written output at the target path; the
-temporary path is removed on exceptions and is hidden (``.<name>.tmp-<random>``) otherwise.
+A failure (exception, Ctrl-C, kill) never leaves a half-written output at the target path. The temporary path
+is hidden and names its writer: ``.<name>.tmp-<pid>-<host>-<random>`` (``<host>``: 8 hex digits of the machine's
+name and PID namespace). It is removed on every exit Python sees; one that a killed process (SIGKILL, OOM, power
+loss) left is removed, with a note, by the next writer of the same output once its pid is gone on this machine
+(``remove_stale_temporaries``). Scratch directories (``scratch_directory``) are removed when the process exits.
+A full disk while writing is a ``NevaError`` naming the output (``disk_full_error``), the temporary removed.
 
 Every output has a kind (``OutputKind``): a file or a directory, and a recogniser of an earlier output of
 that kind. An existing path is replaced (``--overwrite``) only when it is such an earlier output, or an
@@ -12,11 +16,19 @@ model, a JSON object under 8 MiB) are parsed whole.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
+import functools
+import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
+import signal
+import socket
 import stat
 import tarfile
 import tempfile
@@ -25,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neva_tools.errors import NevaError
+
+logger = logging.getLogger(__name__)
 
 #: ``recognise(path)``: None when ``path`` (an existing, non-empty file or directory of the kind's type) is an
 #: earlier output of the kind, else the reason it is not one (``"no config.json"``).
@@ -226,18 +240,179 @@ def check_output_path(path: Path, overwrite: bool, kind: OutputKind = ANY_FILE) 
         raise NevaError(f"output {path} already exists; pass --overwrite to replace it, or choose another path")
 
 
+# --- temporaries -----------------------------------------------------------------------------------------------
+
+#: Test hook: ``NEVA_TEST_KILL_AT=<point>`` makes the process SIGKILL itself at that point of a writer, as a crash or
+#: ``kill -9`` would (no timing needed). Points: ``atomic`` (``atomic_path`` created its temporary), ``dist-staging``
+#: (a ``.nemo``'s dist checkpoint is staged), ``preprocess`` (``neva data preprocess`` opened its temporary ``.bin``).
+KILL_AT_VAR = "NEVA_TEST_KILL_AT"
+#: What a writer leaves next to its output: ``tmp`` the output being written, ``old`` a replaced output being
+#: deleted, ``stage`` files staged for the output (a ``.nemo``'s dist checkpoint).
+TEMP_ROLES = ("tmp", "old", "stage")
+SCRATCH_PREFIX = "neva-scratch-"  #: scratch directories in the system's temporary directory ($TMPDIR)
+_TAG = re.compile(r"(?:(?P<role>[a-z]+)-)?(?P<pid>\d{1,10})-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]+)')?")  # an OSError that crossed a process as text
+_RUST_OS_ERROR = re.compile(r"(?:Os \{ code: |\(os error )(\d+)")  # std::io::Error (safetensors, tokenizers)
+PARTIAL_REMOVED = "the partial output was removed"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process when ``$NEVA_TEST_KILL_AT`` is ``name`` (see ``KILL_AT_VAR``)."""
+    if os.environ.get(KILL_AT_VAR) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.cache
+def host_tag() -> str:
+    """8 hex digits naming this machine and PID namespace: a temporary's pid is only checked where it names the same
+    process (a shared file system is written by other machines and containers too)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha1(f"{socket.gethostname()}:{namespace}".encode()).hexdigest()[:8]
+
+
+def temp_path(target: str | os.PathLike, role: str = "tmp") -> Path:
+    """An unused hidden name next to ``target``: ``.<name>.<role>-<pid>-<host>-<random>`` (not created)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{role}-{os.getpid()}-{host_tag()}-{secrets.token_hex(4)}")
+
+
+def _create(name: Callable[[], Path], is_dir: bool, mode: int | None = None) -> Path:
+    """Create a new file or directory at ``name()`` (retried on a clash), with ``mode`` or the umask's permissions."""
+    for _ in range(100):
+        path = name()
+        try:
+            if is_dir:
+                os.mkdir(path, 0o777 if mode is None else mode)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary name after 100 tries", str(name()))
+
+
+def make_temp(target: str | os.PathLike, *, is_dir: bool, role: str = "tmp") -> Path:
+    """Create a temporary file or directory next to ``target`` (``temp_path``) with the umask's permissions."""
+    return _create(lambda: temp_path(target, role), is_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process; not a pid this system knows
+        return True
+    return True
+
+
+def _stale(folder: Path, prefix: str, roles: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """Entries ``<prefix>[<role>-]<pid>-<host>-<random>`` of ``folder`` written on this machine by a process that is
+    gone, with its pid."""
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.name.startswith(prefix)]
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        tag = _TAG.fullmatch(name[len(prefix) :])
+        if tag is None or (tag["role"] or "") not in roles or tag["host"] != host_tag():
+            continue
+        pid = int(tag["pid"])
+        if pid != os.getpid() and not _alive(pid):
+            found.append((folder / name, pid))
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (``TEMP_ROLES``) that writers of ``target`` left next to it when they were killed (their
+    pid no longer runs on this machine); log a note for each. Returns the removed paths."""
+    target = Path(target)
+    removed = []
+    for path, pid in _stale(target.parent, f".{target.name}.", TEMP_ROLES):
+        _remove(path)
+        if not os.path.lexists(path):
+            removed.append(path)
+            logger.info("removed %s: a temporary of %s left by process %d, which is no longer running (killed?)",
+                        path, target.name, pid)  # fmt: skip
+    return removed
+
+
+def _remove_scratch(path: Path, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child that inherited the exit handler
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def scratch_directory() -> Path:
+    """A private directory in the system's temporary directory (``$TMPDIR/neva-scratch-<pid>-<host>-<random>``),
+    removed when this process exits; the ones of processes that were killed are removed (with a note) first."""
+    parent = Path(tempfile.gettempdir())
+    for path, pid in _stale(parent, SCRATCH_PREFIX, ("",)):
+        with contextlib.suppress(OSError):
+            if path.lstat().st_uid != os.getuid():
+                continue
+        _remove(path)
+        if not os.path.lexists(path):
+            logger.info("removed %s: a scratch directory left by process %d, which is no longer running", path, pid)
+    token = f"{SCRATCH_PREFIX}{os.getpid()}-{host_tag()}-"
+    path = _create(lambda: parent / f"{token}{secrets.token_hex(4)}", True, 0o700)
+    atexit.register(_remove_scratch, path, os.getpid())
+    return path
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The "no space left on device" (or "disk quota exceeded") ``OSError`` behind ``exc``, or None: ``exc`` itself,
+    its causes, or a failure that torch's ``CheckpointException`` collected from a rank (where megatron-core's writer
+    processes report it as text: ``RuntimeError("Worker failure: [Errno 28] …")``), or a Rust library's I/O error
+    (safetensors: ``… Os { code: 28, kind: StorageFull, … }``)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL:
+            return current
+        text = None if isinstance(current, OSError) else _ERRNO_TEXT.search(str(current))
+        if text is not None and int(text[1]) in _DISK_FULL:  # megatron-core's writer processes: "Worker failure: …"
+            return OSError(int(text[1]), text[2], text[3])
+        rust = None if isinstance(current, OSError) else _RUST_OS_ERROR.search(str(current))
+        if rust is not None and int(rust[1]) in _DISK_FULL:
+            return OSError(int(rust[1]), os.strerror(int(rust[1])))
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [current.__cause__, current.__context__]
+    return None
+
+
+def disk_full_error(target: str | os.PathLike, error: OSError, *, removed: str = PARTIAL_REMOVED) -> NevaError:
+    """Our error for a full disk while writing ``target``: the output, the file that failed, what was cleaned up
+    (``removed``) and what to do."""
+    where = f" (writing {error.filename})" if error.filename and str(error.filename) != str(target) else ""
+    return NevaError(f"{os.strerror(error.errno or errno.ENOSPC).lower()} while writing {target}{where}: {removed}; "
+                     f"free space on that file system (or write to another one) and run the command again")  # fmt: skip
+
+
 # --- writing ---------------------------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old = make_temp(target, is_dir=True, role="old")
         os.replace(target, old / target.name)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -249,25 +424,27 @@ def _replace(tmp: Path, target: Path) -> None:
 def atomic_path(target: str | os.PathLike, *, kind: OutputKind = ANY_FILE, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path (a file path, or a created directory for a directory ``kind``) that becomes ``target``.
 
-    ``target`` is checked (``check_output_path``) on entry and again just before the rename.
+    ``target`` is checked (``check_output_path``) on entry and again just before the rename. Temporaries that killed
+    writers of ``target`` left are removed first; a full disk is a ``NevaError`` naming ``target``.
     """
     target = Path(target)
     check_output_path(target, overwrite, kind)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if kind.is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    os.chmod(tmp, (0o777 if kind.is_dir else 0o666) & ~_umask())  # mkstemp/mkdtemp are private (0600/0700)
+    remove_stale_temporaries(target)
     try:
+        tmp = make_temp(target, is_dir=kind.is_dir)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise disk_full_error(target, exc, removed="nothing was written") from None
+        raise
+    try:
+        kill_point("atomic")
         yield tmp
         check_output_path(target, overwrite, kind)  # something may have appeared there meanwhile
         _replace(tmp, target)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        _remove(tmp)
+        full = disk_full(exc)
+        if full is not None:
+            raise disk_full_error(target, full) from None
         raise
