@@ -38,7 +38,8 @@ def test_typos_fail_with_a_suggestion(tmp_path: Path) -> None:
         cfg.model.optim.lrr = 1  # struct mode
 
 
-def test_run_directory_and_resume_point(tmp_path: Path) -> None:
+def test_run_directory_and_resume_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neva_tools.train import checkpoint
     from neva_tools.train.paths import resume_checkpoint, run_directory
 
     cfg = load_config(None, [f"exp_manager.exp_dir={tmp_path}", "name=r1"])
@@ -52,6 +53,9 @@ def test_run_directory_and_resume_point(tmp_path: Path) -> None:
     step = tmp_path / "neva" / "checkpoints" / "step=4"
     step.mkdir(parents=True)
     (step / "metadata.json").write_text("{}")
+    with pytest.raises(NevaError, match=r"no checkpoint in .* can be resumed from \(step=4: "):
+        resume_checkpoint(strict, run_directory(strict))  # an empty metadata.json is no usable checkpoint
+    monkeypatch.setattr(checkpoint, "problems", lambda directory: [])  # this test is about the choice, not the files
     assert resume_checkpoint(strict, run_directory(strict)) == step
     given = load_config(None, [f"exp_manager.resume_from_checkpoint={step}", "exp_manager.resume_if_exists=false"])
     assert resume_checkpoint(given, tmp_path) == step
