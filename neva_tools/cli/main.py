@@ -2,31 +2,37 @@
 
 from __future__ import annotations
 
-from neva_tools.utils.log import first_to_report, install_noise_filters, setup_logging
+from neva_tools.cli import boundary
 
-install_noise_filters()  # before the subcommands import torch and megatron: some of their notices come at import
+boundary.arm_import_interrupt()  # tests only: SIGINT while a chosen module is imported
+boundary.catch_interrupts()  # Ctrl-C while torch and megatron are imported (seconds): one line, exit status 130
+try:
+    from neva_tools.utils.log import install_noise_filters, setup_logging
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+    install_noise_filters()  # before the subcommands import torch and megatron: some of their notices come at import
 
-from neva_tools import __version__  # noqa: E402
-from neva_tools.cli import (  # noqa: E402
-    common,
-    config,
-    convert,
-    data,
-    export,
-    generate,
-    importer,
-    repartition,
-    tokenizer,
-    train,
-)
-from neva_tools.cli import eval as eval_cmd  # noqa: E402
-from neva_tools.errors import NevaError  # noqa: E402
-from neva_tools.utils.resources import return_freed_memory_to_os  # noqa: E402
+    import argparse
+    import gc
+    import sys
+    from collections.abc import Sequence
+
+    from neva_tools import __version__
+    from neva_tools.cli import (
+        common,
+        config,
+        convert,
+        data,
+        export,
+        generate,
+        importer,
+        repartition,
+        tokenizer,
+        train,
+    )
+    from neva_tools.cli import eval as eval_cmd
+    from neva_tools.utils.resources import return_freed_memory_to_os
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 #: Subcommand modules, each with ``register(subparsers, parent)``.
 SUBCOMMANDS = (tokenizer, convert, repartition, data, train, config, generate, eval_cmd, export, importer)
@@ -49,22 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the subcommand and return the exit status (2 for user errors)."""
-    args = build_parser().parse_args(argv)
-    verbosity = common.merge_output_flags(args)
-    gc.freeze()  # the import-time objects (torch, transformers) are never freed: keep them out of every collection
-    setup_logging(verbosity, progress=not args.no_progress)
-    return_freed_memory_to_os()
-    try:
+    """Parse ``argv``, run the subcommand and return the exit status: 2 for the user's errors (a bad input, a full
+    disk: one line, see ``neva_tools.cli.boundary``), 130 after Ctrl-C, 1 with a traceback for a bug."""
+    parsed: list[argparse.Namespace] = []
+
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        parsed.append(args)
+        verbosity = common.merge_output_flags(args)
+        gc.freeze()  # the import-time objects (torch, transformers) are never freed: keep them out of every collection
+        setup_logging(verbosity, progress=not args.no_progress)
+        return_freed_memory_to_os()
         return int(args.func(args) or 0)
-    except NevaError as exc:
-        if first_to_report():  # once per job, not once per rank
-            print(f"neva: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if first_to_report("interrupt", wait_s=0):
-            print("neva: interrupted", file=sys.stderr)
-        return 130
+
+    boundary.catch_interrupts()
+    boundary.command_started()
+    # console: the process ends after this call, and Ctrl-C during its exit (threads, atexit) is handled there too
+    return boundary.run(command, lambda: parsed[0] if parsed else None, console=argv is None)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,12 @@ def parse_blend(data_path: Any) -> tuple[list[str], list[float] | None]:
             raise NevaError(f"model.text_pretrain.data_path: dataset prefix {prefix} has no {' and '.join(missing)}; "
                             "create it with neva data preprocess (relative prefixes are read from the current "
                             "directory)")  # fmt: skip
+        from neva_tools.data.mmap import count_tokens
+
+        try:
+            count_tokens(prefix)  # the .bin against its .idx (sizes, counts), and not empty
+        except NevaError as exc:
+            raise NevaError(f"model.text_pretrain.data_path: {exc}") from None
     if len(set(prefixes)) != len(prefixes):
         raise NevaError(f"model.text_pretrain.data_path lists a prefix twice ({prefixes}); list it once")
     return list(prefixes), (list(parsed) if parsed is not None else None)

@@ -223,9 +223,21 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record | RecordError]:
     """Yield the records of a LLaVA JSON (a list) or JSONL file, or a ``RecordError`` per unparsable entry.
 
     A UTF-8 byte-order mark is skipped; a JSONL line (a JSON record) that is not UTF-8 or nests deeper than
-    :data:`MAX_DEPTH` is one ``RecordError`` naming its line (and byte offset), and the rest is read.
+    :data:`MAX_DEPTH` is one ``RecordError`` naming its line (and byte offset), and the rest is read. A file without
+    any entry (empty, ``[]``, blank lines) is a ``NevaError``: an empty dataset is a mistake.
     """
-    path = Path(path)
+    empty = True
+    for item in _iter_entries(Path(path)):
+        empty = False
+        yield item
+    if empty:
+        raise NevaError(f"annotation file {path} holds no records (it is empty, an empty JSON list or blank lines): "
+                        "a dataset needs at least one; check that the right file is given and was written "
+                        "completely")  # fmt: skip
+
+
+def _iter_entries(path: Path) -> Iterator[Record | RecordError]:
+    """The entries of ``iter_records``."""
     if not path.is_file():
         raise NevaError(f"annotation file {path} does not exist")
     with open(path, "rb") as fh:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from neva_tools.data.records import iter_records
 from neva_tools.data.validate import KINDS, Settings, check_record, format_report, validate
+from neva_tools.errors import NevaError
 
 
 def _conv(*pairs: tuple[str, str]) -> list[dict]:
@@ -86,6 +87,10 @@ def test_valid_dataset_passes_with_counts(shapes: dict) -> None:
 def test_fuzz_never_crashes(tmp_path_factory: pytest.TempPathFactory, value: object) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
     path.write_text(json.dumps(value) + "\n")
+    if value == []:  # no record at all: an empty dataset is an error (neva_tools.data.records.iter_records)
+        with pytest.raises(NevaError, match="holds no records"):
+            list(iter_records(path))
+        return
     for record in iter_records(path):
         problems, _ = check_record(record, Settings(image_folder=None, decode_images=False))
         assert all(p.kind in KINDS for p in problems)
