@@ -228,7 +228,8 @@ def test_huge_stride_zero_embedding_is_refused_fast_in_little_memory(tp1: Path, 
     seconds = time.perf_counter() - start
     assert child.returncode == 2, err
     assert "stride-0 (expanded) view of shape [20000, 20000]" in err and "Traceback" not in err
-    assert usage.ru_maxrss * 1024 < 1.2 * 2**30, usage.ru_maxrss  # KiB on Linux; the tensor alone is 1.49 GiB
+    # KiB on Linux; reading the tensor would add 1.49 GiB to the ~0.6-1.3 GiB a neva process starts with
+    assert usage.ru_maxrss * 1024 < 2.0 * 2**30, usage.ru_maxrss
     assert seconds < 60 and not out.exists()
 
 
