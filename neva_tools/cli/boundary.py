@@ -29,7 +29,8 @@ is installed.
 ``$NEVA_TEST_INTERRUPT_AT`` (tests only) sends the process SIGINT at a chosen point, not at a time:
 ``import:MODULE`` (when MODULE starts being imported), ``call:MODULE:FUNCTION[:N]`` (at the Nth call of a function,
 in any thread or forked process) or ``exit`` (in an atexit handler, after the command ended); with ``@group`` appended
-the signal goes to the whole process group, as Ctrl-C in a terminal sends it.
+the signal goes to the whole process group, as Ctrl-C in a terminal sends it; with ``@worker`` the point is armed in
+the worker processes ``multiprocessing`` spawns instead of the main one.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from typing import Any
 INTERRUPTED = 130  #: exit status after Ctrl-C (128 + SIGINT)
 INTERRUPT_AT_VAR = "NEVA_TEST_INTERRUPT_AT"
 #: argparse destinations naming what a command writes
-OUTPUT_ARGS = ("output", "predictions")
+OUTPUT_ARGS = ("output", "output_prefix", "predictions")
 
 _state = {"interrupts": 0, "exiting": False, "reported": False, "pid": 0}
 _original_hooks: dict[str, Any] = {}
@@ -162,7 +163,7 @@ def command_started() -> None:
 
 
 def _send_sigint() -> None:
-    if os.environ.get(INTERRUPT_AT_VAR, "").endswith("@group"):  # as Ctrl-C does: the whole process group
+    if "@group" in os.environ.get(INTERRUPT_AT_VAR, ""):  # as Ctrl-C does: the whole process group
         os.killpg(os.getpgrp(), signal.SIGINT)
     else:
         os.kill(os.getpid(), signal.SIGINT)
@@ -183,9 +184,9 @@ class _InterruptOnImport:
 
 
 def _arm_test_interrupt(kinds: tuple[str, ...]) -> None:
-    spec = os.environ.get(INTERRUPT_AT_VAR, "").removesuffix("@group")
+    spec, *flags = os.environ.get(INTERRUPT_AT_VAR, "").split("@")
     kind, _, rest = spec.partition(":")
-    if not spec or kind not in kinds:
+    if not spec or kind not in kinds or ("worker" in flags) != _worker_process():
         return
     if kind == "import":
         sys.meta_path.insert(0, _InterruptOnImport(rest))

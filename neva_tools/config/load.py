@@ -10,13 +10,15 @@ against the recipe's directory.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -26,6 +28,7 @@ from omegaconf.errors import (
 
 from neva_tools.config import nemo_keys
 from neva_tools.config.suggest import suggestions
+from neva_tools.config.values import show, value_problems
 from neva_tools.errors import NevaError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,85 @@ def find_recipe(recipe: str | Path) -> Path:
                     "recipes/tiny_cpu/stage1_pretrain.yaml")  # fmt: skip
 
 
+def read_recipe(path: Path) -> DictConfig:
+    """The mapping of keys a recipe YAML holds; a file that is not one (not UTF-8, not YAML, nested too deep, a list
+    or a single value, unreadable) is a ``NevaError`` naming it."""
+    what = f"config {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise NevaError(f"{what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); save it as "
+                        "UTF-8") from None  # fmt: skip
+    except OSError as exc:
+        raise NevaError(f"cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        top = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if top is not None and not isinstance(top, yaml.MappingNode):
+            kind = "a list" if isinstance(top, yaml.SequenceNode) else f"the single value {show(top.value)}"
+            raise NevaError(f"{what} must be a YAML mapping of keys (like conf/neva_config.yaml: trainer:, model:, "
+                            f"...), but it holds {kind}")  # fmt: skip
+        raw = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as exc:
+        raise NevaError(f"{what} is not valid YAML: {yaml_problem(exc)}") from None
+    except RecursionError:
+        raise NevaError(f"{what} cannot be read: nesting too deep in an input file") from None
+    except (OmegaConfBaseException, ValueError, TypeError, OSError) as exc:  # keys OmegaConf refuses, alias bombs
+        raise NevaError(f"{what} cannot be read as a config: {str(exc).splitlines()[0]}") from None
+    assert isinstance(raw, DictConfig)
+    return raw
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (``line 3, column 5: mapping values are not allowed``)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else str(problem)
+
+
+def _merge(cfg: DictConfig, source: str, new: DictConfig, problems: list[str]) -> DictConfig:
+    """``new`` merged over ``cfg``; a value that cannot replace the one there (a mapping over a list) is a problem and
+    is left out."""
+    try:
+        return OmegaConf.merge(cfg, new)
+    except (OmegaConfBaseException, TypeError, ValueError):
+        pass
+    for key, value in nemo_keys.flat_items(new):
+        one: dict[str, Any] = {}
+        node = one
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        try:
+            cfg = OmegaConf.merge(cfg, one)
+        except (OmegaConfBaseException, TypeError, ValueError):
+            there = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+            kind = "a list" if isinstance(there, ListConfig) else "a mapping" if isinstance(there, DictConfig) else \
+                "a single value"  # fmt: skip
+            problems.append(f"{source}: {key} ({show(value)}) must be {kind}, as in conf/neva_config.yaml")
+    return cfg
+
+
+def _structure_problems(base: DictConfig, cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Mappings of the base config that a source replaced by a single value or a list (``model.optim: 5``)."""
+    problems = []
+    for key in base:
+        node = base._get_node(key)
+        if not isinstance(node, DictConfig) or not len(node):
+            continue
+        full = f"{prefix}{key}"
+        there = cfg._get_node(key) if key in cfg else None
+        if not isinstance(there, DictConfig) or there._is_none():
+            value = None if there is None else there._value() if not isinstance(there, ListConfig) else there
+            keys = ", ".join(f"{full}.{k}" for k in list(node)[:3])
+            problems.append(f"{full} ({show(value)}) must be a mapping of keys ({keys}, ...), as in "
+                            "conf/neva_config.yaml")  # fmt: skip
+        else:
+            problems += _structure_problems(node, there, full + ".")
+    return problems
+
+
 def _recipe_relative(cfg: DictConfig, recipe: Path) -> None:
     """Input paths of ``cfg`` (a translated recipe) that exist only next to the recipe point there."""
     here = recipe.resolve().parent
@@ -122,20 +204,21 @@ def load_config_report(
     Raises one ``NevaError`` listing every unknown key (with suggestions) and every refused value of all sources.
     """
     _register_resolvers()
-    cfg = OmegaConf.load(base)
+    cfg = defaults = OmegaConf.load(base)
     report = LoadReport()
     sources: list[tuple[str, DictConfig]] = []
     if recipe is not None:
         report.recipe = find_recipe(recipe)
-        try:
-            sources.append((str(recipe), OmegaConf.load(report.recipe)))
-        except (OmegaConfBaseException, ValueError) as exc:  # YAML errors
-            raise NevaError(f"config {report.recipe} is not valid YAML: {exc}") from None
+        sources.append((str(recipe), read_recipe(report.recipe)))
     for item in overrides:
         if "=" not in item:
             raise NevaError(f"override {item!r} is not of the form key=value")
         try:
             sources.append(("command line", OmegaConf.from_dotlist([item])))
+        except yaml.YAMLError as exc:
+            raise NevaError(f"override {item!r} cannot be parsed: {yaml_problem(exc)}") from None
+        except RecursionError:
+            raise NevaError(f"override {item!r} cannot be parsed: nesting too deep") from None
         except (OmegaConfBaseException, ValueError) as exc:
             raise NevaError(f"override {item!r} cannot be parsed: {exc}") from None
     unknown: list[tuple[str, str]] = []
@@ -150,17 +233,20 @@ def load_config_report(
         same.update({k: (other, done.same_values[k]) for k, other in done.same.items()})
         if source != "command line" and report.recipe is not None:
             _recipe_relative(done.config, report.recipe)
-        cfg = OmegaConf.merge(cfg, done.config)
+        cfg = _merge(cfg, source, done.config, problems)
     if unknown:
         ours = _all_keys(cfg)
         lines = [f"{source}: {key}{suggestions(key, ours)}" for source, key in unknown]
         problems = [f"{len(unknown)} unknown config key(s) (docs/nemo_config_keys.md lists NeMo's keys and "
                     "conf/neva_config.yaml ours):", *lines, *problems]  # fmt: skip
-    if problems:
-        raise NevaError("\n  ".join(problems))
-    for key, default in NULL_DEFAULTS.items():
-        if OmegaConf.select(cfg, key) is None:
-            OmegaConf.update(cfg, key, default, merge=False)
+    shape = _structure_problems(defaults, cfg)
+    if not shape:  # the keys are where the table looks for them
+        for key, default in NULL_DEFAULTS.items():
+            if OmegaConf.select(cfg, key) is None:
+                OmegaConf.update(cfg, key, default, merge=False)
+        problems += value_problems(cfg)  # types and ranges (neva_tools.config.values)
+    if problems or shape:
+        raise NevaError("\n  ".join([*problems, *shape]))
     OmegaConf.set_struct(cfg, True)
     try:
         OmegaConf.resolve(cfg)

@@ -246,12 +246,13 @@ def test_multi_process_job_reports_once(tmp_path: Path, monkeypatch: pytest.Monk
 # -- Ctrl-C -----------------------------------------------------------------------------------------------------------
 
 _FORKED_WRITER = "call:megatron.core.dist_checkpointing.strategies.filesystem_async:write_preloaded_data@group"
-#: (command, hook point): seven points, each a place where an interrupt used to end with a traceback or could
+#: (command, hook point): eight points, each a place where an interrupt used to end with a traceback or could
 INTERRUPTS = [
     ("hf-to-nemo", "import:torch.nn@group"),  # while torch is imported (seconds, before the command starts)
     ("hf-to-nemo", "call:neva_tools.checkpoint.hf_reader:get:3@group"),  # reading the third tensor
     ("hf-to-nemo-dist", _FORKED_WRITER),  # in the writer process megatron-core forks
     ("hf-to-nemo-dist", "call:neva_tools.checkpoint.dist:save_full"),  # before torch's distributed checkpoint save
+    ("hf-to-nemo-dist", "import:torch.nn@worker@group"),  # while the Manager process megatron-core spawns starts
     ("repartition", "call:neva_tools.checkpoint.fill:copy:3@group"),  # copying byte ranges into the output
     ("repartition", "call:neva_tools.checkpoint.fill:_run@group"),  # in the writeback thread
     ("repartition", "exit@group"),  # after the command ended, in an atexit handler

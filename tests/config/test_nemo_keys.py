@@ -67,7 +67,7 @@ def test_nemo_published_configs_load(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.exp_manager.save_top_k == 10 and cfg.model.optim.name == "fused_adam"
     assert cfg.model.mm_cfg.mm_mlp_adapter_type == "linear"
-    assert cfg.model.mm_cfg.vision_encoder.from_pretrained == ""
+    assert cfg.model.mm_cfg.vision_encoder.from_pretrained is None  # NeMo's "" (not set) is read as null
 
 
 def test_unknown_keys_are_all_reported_with_suggestions(tmp_path: Path) -> None:

@@ -21,13 +21,13 @@ def test_text_recipes_pass_offline(recipe: Path) -> None:
 
 
 def test_mode_off_checks_nothing() -> None:
-    assert text_problems(load_config(None, ["model.text_pretrain.seq_length=0"])) == []
+    off = ["model.text_pretrain.eval_interval=5", "model.text_pretrain.eval_iters=0"]  # a problem with the mode on
+    assert text_problems(load_config(None, off)) == [] and text_problems(load_config(None, [*ON, *off])) != []
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.text_pretrain.seq_length=0"], "seq_length (0) must be positive"),
         (["model.text_pretrain.eval_interval=5", "model.text_pretrain.eval_iters=0"],
          "eval_interval (5) must be 0 (off) or positive with model.text_pretrain.eval_iters (0) positive"),
         (["model.text_pretrain.split='99/1/0'"], r"split (99/1/0) must be up to three non-negative numbers"),
