@@ -12,10 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from neva_tools.cli.tokenizer import report_lines
-from neva_tools.errors import NevaError
-from neva_tools.tokenizer.add_tokens import add_tokens
-from neva_tools.tokenizer.tokens import resolve_tokens
+from neva_tools.cli import boundary
+
+boundary.guard_startup()  # Ctrl-C while torch and megatron are imported: one line, exit 130
+try:
+    from neva_tools.cli.tokenizer import report_lines
+    from neva_tools.tokenizer.add_tokens import add_tokens
+    from neva_tools.tokenizer.tokens import resolve_tokens
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     piece_type = "user_defined" if args.is_userdefined else "control"
-    try:
+
+    def body() -> None:
         tokens = resolve_tokens(args.tokens, None)
         same = Path(args.input_file).resolve() == Path(args.output_file).resolve()
         report = add_tokens(args.input_file, args.output_file, tokens, piece_type, in_place=same, overwrite=True)
-    except NevaError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return 1
-    for line in report_lines(report):
-        print(f"INFO: {line}")
-    return 0
+        for line in report_lines(report):
+            print(f"INFO: {line}")
+
+    return boundary.run_dropin(body, lambda: args)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neva_tools.cli.convert import print_summary
-from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
-from neva_tools.convert.nemo_flags import precision_dtype, run_dropin
+from neva_tools.cli import boundary
+
+boundary.guard_startup()  # Ctrl-C while torch and megatron are imported: one line, exit 130
+try:
+    from neva_tools.cli.convert import print_summary
+    from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
+    from neva_tools.convert.nemo_flags import precision_dtype, run_dropin
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neva_tools.cli.data import count_line
-from neva_tools.data.megatron_flags import parse_dropin, run_dropin
+from neva_tools.cli import boundary
+
+boundary.guard_startup()  # Ctrl-C while torch and megatron are imported: one line, exit 130
+try:
+    from neva_tools.cli.data import count_line
+    from neva_tools.data.megatron_flags import parse_dropin, run_dropin
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neva_tools.checkpoint.nemo_archive import NemoArchive
-from neva_tools.cli.convert import print_summary
-from neva_tools.convert.nemo_flags import run_dropin
-from neva_tools.convert.repartition import repartition
-from neva_tools.errors import NevaError
+from neva_tools.cli import boundary
+
+boundary.guard_startup()  # Ctrl-C while torch and megatron are imported: one line, exit 130
+try:
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.cli.convert import print_summary
+    from neva_tools.convert.nemo_flags import run_dropin
+    from neva_tools.convert.repartition import repartition
+    from neva_tools.errors import NevaError
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 
 def _check_source(path: str, tp: int | None, pp: int | None) -> None:

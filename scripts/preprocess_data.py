@@ -13,14 +13,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neva_tools.cli.data import preprocess_line
-from neva_tools.data.megatron_flags import (
-    add_preprocess_flags,
-    parse_dropin,
-    preprocess_job,
-    run_dropin,
-    run_preprocess_job,
-)
+from neva_tools.cli import boundary
+
+boundary.guard_startup()  # Ctrl-C while torch and megatron are imported: one line, exit 130
+try:
+    from neva_tools.cli.data import preprocess_line
+    from neva_tools.data.megatron_flags import (
+        add_preprocess_flags,
+        parse_dropin,
+        preprocess_job,
+        run_dropin,
+        run_preprocess_job,
+    )
+except KeyboardInterrupt:
+    boundary.interrupted_while_starting()
 
 
 def main(argv: list[str] | None = None) -> int:

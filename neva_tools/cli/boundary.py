@@ -50,8 +50,8 @@ from typing import Any
 
 INTERRUPTED = 130  #: exit status after Ctrl-C (128 + SIGINT)
 INTERRUPT_AT_VAR = "NEVA_TEST_INTERRUPT_AT"
-#: argparse destinations naming what a command writes
-OUTPUT_ARGS = ("output", "output_prefix", "predictions")
+#: argparse destinations naming what a command writes (``neva``'s, then the drop-in scripts' NeMo/Megatron names)
+OUTPUT_ARGS = ("output", "output_prefix", "predictions", "output_path", "output_file", "out_file", "target_file")
 
 _state = {"interrupts": 0, "exiting": False, "reported": False, "pid": 0}
 _original_hooks: dict[str, Any] = {}
@@ -145,6 +145,13 @@ def catch_interrupts() -> None:
     if "thread" not in _original_hooks:
         _original_hooks["thread"], threading.excepthook = threading.excepthook, _thread_hook
         _original_hooks["unraisable"], sys.unraisablehook = sys.unraisablehook, _unraisable_hook
+
+
+def guard_startup() -> None:
+    """For scripts: arm the test hook's import points and install the Ctrl-C handler before the heavy imports (wrap
+    those in ``try: ... except KeyboardInterrupt: interrupted_while_starting()``, as ``neva_tools.cli.main`` does)."""
+    arm_import_interrupt()
+    catch_interrupts()
 
 
 def interrupted_while_starting() -> None:
@@ -411,10 +418,11 @@ def explain(exc: BaseException, args: Any = None) -> str | None:
     return decode_error_message(exc) or disk_full_message(exc, args)
 
 
-def run(command: Callable[[], Any], args: Callable[[], Any] = lambda: None, *, console: bool = False) -> int:
+def run(command: Callable[[], Any], args: Callable[[], Any] = lambda: None, *, console: bool = False,
+        prefix: str = "neva: error: ") -> int:  # fmt: skip
     """Run ``command`` inside the boundary; its exit status (``args()``: the parsed arguments, once known). In the
     ``console`` process the command is over as soon as it returns or raises: an interrupt after that lets the
-    interpreter's exit finish, with exit status 130."""
+    interpreter's exit finish, with exit status 130. Our errors are printed after ``prefix``."""
     try:
         status = int(command() or 0)
         _state["exiting"] = console
@@ -437,5 +445,14 @@ def run(command: Callable[[], Any], args: Callable[[], Any] = lambda: None, *, c
         from neva_tools.utils.log import first_to_report
 
         if first_to_report():  # once per job, not once per rank
-            print(f"neva: error: {message}", file=sys.stderr)
+            print(f"{prefix}{message}", file=sys.stderr)
         return 2
+
+
+def run_dropin(body: Callable[[], Any], args: Callable[[], Any] = lambda: None) -> int:
+    """Run a drop-in script's ``body`` (the scripts taking NeMo's, Megatron-LM's or LLaVA's flags) inside the same
+    boundary as ``neva``, with Ctrl-C handling: our errors are printed as ``ERROR: MESSAGE`` (those tools' style),
+    exit status 2; Ctrl-C 130; a bug keeps its traceback."""
+    catch_interrupts()
+    command_started()
+    return run(body, args, prefix="ERROR: ")

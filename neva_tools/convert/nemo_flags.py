@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable, Sequence
 
+from neva_tools.cli import boundary
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import setup_logging
 from neva_tools.utils.resources import return_freed_memory_to_os
@@ -42,9 +42,4 @@ def run_dropin(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespa
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         logger.warning("ignoring NeMo options this tool does not need: %s", " ".join(unknown))
-    try:
-        body(args)
-    except NevaError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return boundary.run_dropin(lambda: body(args), lambda: args)

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import glob
 import logging
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -250,13 +249,10 @@ def parse_dropin(parser: argparse.ArgumentParser, argv: Sequence[str], tool: str
 
 
 def run_dropin(body: Callable[[], None]) -> int:
-    """Run a drop-in's ``body``: a NevaError is printed as ``ERROR: ...`` with exit status 2."""
+    """Run a drop-in's ``body`` inside the CLI's error boundary: our errors (a NevaError, a full disk, an unreadable
+    file) are printed as ``ERROR: ...`` with exit status 2, Ctrl-C exits 130 (``neva_tools.cli.boundary``)."""
+    from neva_tools.cli import boundary
     from neva_tools.utils.log import setup_logging
 
     setup_logging()
-    try:
-        body()
-    except NevaError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return boundary.run_dropin(body)

@@ -122,6 +122,17 @@ def _rope(cfg: Mapping[str, Any], source: str = "config.json") -> tuple[float, d
     return theta, {**scaling, "rope_type": kind}
 
 
+def _family(cfg: Mapping[str, Any], source: str) -> str:
+    """The Hugging Face family a NeMo section names (``hf_model_family``, ours), else guessed from ``qkv_bias``."""
+    family = cfg.get("hf_model_family")
+    if family is None:
+        return "qwen2" if cfg.get("qkv_bias") else "llama"
+    if not isinstance(family, str) or family not in MODEL_TYPES:
+        raise NevaError(f"{source}: hf_model_family is {family!r}; it must be one of {', '.join(sorted(MODEL_TYPES))} "
+                        "(or be left out): fix the value")  # fmt: skip
+    return family
+
+
 def _check_groups(heads: int, groups: int, source: str) -> None:
     if heads % groups:
         raise NevaError(f"{source}: the number of attention heads ({heads}) must be a multiple of the number of "
@@ -324,7 +335,7 @@ class LlamaArch:
             raise NevaError(f"{source} has no vocab_size; pass the tokenizer so the vocabulary size is known")
         positions = cfg.get("max_position_embeddings") or _required(cfg, "encoder_seq_length", source)
         return cls(
-            family=str(cfg.get("hf_model_family", "qwen2" if cfg.get("qkv_bias") else "llama")),
+            family=_family(cfg, source),
             num_layers=count("num_layers"),
             hidden_size=hidden,
             ffn_hidden_size=count("ffn_hidden_size"),

@@ -277,16 +277,25 @@ def _group_gone(pgid: int, seconds: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("kind", "point"), INTERRUPTS, ids=[f"{k}-{p.split(':')[-1]}" for k, p in INTERRUPTS])
-def test_ctrl_c_is_one_line_and_130(kind: str, point: str, llama_hf: Path, nemo: Path, tmp_path: Path) -> None:
-    """The console command (a script like ``.venv/bin/neva``) in a process group of its own; SIGINT at ``point``."""
+#: ``python -m neva_tools``: the processes multiprocessing spawns do not import a package's ``__main__``
+MODULE_INTERRUPTS = [("hf-to-nemo-dist", "import:torch.nn@worker@group"), ("hf-to-nemo", "import:torch.nn@group")]
+CASES = [(k, p, "script") for k, p in INTERRUPTS] + [(k, p, "module") for k, p in MODULE_INTERRUPTS]
+
+
+@pytest.mark.parametrize(("kind", "point", "launcher"), CASES,
+                         ids=[f"{k}-{p.split(':')[-1]}-{how}" for k, p, how in CASES])  # fmt: skip
+def test_ctrl_c_is_one_line_and_130(kind: str, point: str, launcher: str, llama_hf: Path, nemo: Path,
+                                    tmp_path: Path) -> None:  # fmt: skip
+    """The console command (a script like ``.venv/bin/neva``, or ``python -m neva_tools``) in a process group of its
+    own; SIGINT at ``point``."""
     script = tmp_path / "neva"
     script.write_text("import sys\nfrom neva_tools.cli.main import main\nif __name__ == '__main__':\n"
                       "    sys.exit(main())\n")  # fmt: skip
+    entry = [str(script)] if launcher == "script" else ["-m", "neva_tools"]
     out = tmp_path / "out" / "model.nemo"
     out.parent.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), boundary.INTERRUPT_AT_VAR: point}
-    proc = subprocess.Popen([sys.executable, str(script), "-q", "--no-progress", *_command(kind, llama_hf, nemo, out)],
+    proc = subprocess.Popen([sys.executable, *entry, "-q", "--no-progress", *_command(kind, llama_hf, nemo, out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True,  # Ctrl-C's process group, without pytest in it
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip

@@ -40,6 +40,6 @@ def test_default_is_control_like_nemo(sp_model: Path, tmp_path: Path) -> None:
 def test_conflict_exits_nonzero_with_message(sp_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.model"
     proc = _run("--input_file", str(sp_model), "--output_file", str(out), "--tokens", "▁red")
-    assert proc.returncode == 1
+    assert proc.returncode == 2, proc.stderr
     assert "ERROR: token '▁red' already exists at ID" in proc.stderr
     assert not out.exists()
