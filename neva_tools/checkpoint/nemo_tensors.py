@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from neva_tools.mappings.base import Split
 from neva_tools.mappings.llama import LOCAL_SPEC_NAMES, TABLE, LlamaArch
 from neva_tools.mappings.nemo_legacy import IGNORED_LEGACY, is_legacy_name, legacy_to_mcore
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
+from neva_tools.utils.temporaries import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class NemoTensors:
 
     def _load_dist(self, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Check the dist checkpoint's metadata (shapes, dtypes) against the config, then load the full tensors."""
-        with tempfile.TemporaryDirectory(prefix=".neva-dist-") as tmp:
+        with scratch() as tmp:
             directory = self.archive.extract_dist(tmp)
             meta = dist.tensor_metadata(directory)
             for key, (shape, _) in meta.items():
@@ -402,7 +402,7 @@ def _tokenizer_vocab_size(archive: NemoArchive, section: dict) -> int:
         raise NevaError(f"{archive.path}: model_config.yaml has no vocab_size and no sentencepiece tokenizer artifact")
     import sentencepiece as spm
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch() as tmp:
         try:
             return spm.SentencePieceProcessor(model_file=str(archive.artifact(ref, Path(tmp)))).get_piece_size()
         except (RuntimeError, OSError) as exc:  # sentencepiece raises RuntimeError for a file it cannot parse

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from neva_tools.mappings.llama import LlamaArch
 from neva_tools.utils.atomic import HF_MODEL_DIR, atomic_path, check_output_path
 from neva_tools.utils.log import progress
 from neva_tools.utils.resources import peak_rss_bytes
+from neva_tools.utils.temporaries import scratch
 
 _PRECISION_TO_DTYPE = {"bf16": "bf16", "bf16-mixed": "bf16", "16": "fp16", "16-mixed": "fp16", "32": "fp32"}
 _HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -115,7 +115,7 @@ def convert_nemo_to_hf(
         params = 0
         with (
             atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp,
-            tempfile.TemporaryDirectory() as scratch,
+            scratch() as scratch_dir,
         ):
             shards = _ShardWriter(tmp, max_bytes)
             for name in progress(list(hf_names), desc="nemo-to-hf", unit="tensor"):  # the LLM only (not NeVA parts)
@@ -126,7 +126,7 @@ def convert_nemo_to_hf(
             shards.finish()
             hf_config = arch.to_hf_config(cfg.get("hf_config"), dtype=_HF_DTYPE_NAMES[dtype])
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            export_tokenizer(archive, cfg.get("tokenizer"), tmp, Path(scratch))
+            export_tokenizer(archive, cfg.get("tokenizer"), tmp, scratch_dir)
     out = Path(output)
     return ConvertSummary(
         output=out,

@@ -27,13 +27,13 @@ import argparse
 import contextlib
 import glob
 import logging
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neva_tools.cli.common import positive_int
 from neva_tools.errors import NevaError
+from neva_tools.utils.temporaries import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _tokenizer_path(job: PreprocessJob) -> Iterator[Path]:
     from transformers import GPT2Tokenizer
 
     vocab, merges = job.gpt2_files
-    with tempfile.TemporaryDirectory(prefix="neva-gpt2-") as tmp:
+    with scratch() as tmp:
         try:
             GPT2Tokenizer(vocab=str(vocab), merges=str(merges)).save_pretrained(tmp)
         except (OSError, ValueError, KeyError) as exc:

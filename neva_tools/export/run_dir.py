@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from neva_tools.utils.atomic import (
     check_output_kind,
     check_output_path,
 )
+from neva_tools.utils.temporaries import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def write_llm(source: CheckpointSource, output: Path, *, dtype: str | None = Non
     if dtype not in DTYPES:
         raise NevaError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     arch = source.arch
-    with atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+    with atomic_path(output, kind=HF_MODEL_DIR, overwrite=overwrite) as tmp, scratch() as scratch_dir:
         shards = _ShardWriter(tmp, parse_size(max_shard_size))
         for name, hf_names, split in arch.entries():
             for hf_name, tensor in hf_tensors(name, source.llm_tensor(name), split, hf_names, arch).items():
@@ -140,7 +140,7 @@ def write_llm(source: CheckpointSource, output: Path, *, dtype: str | None = Non
         shards.finish()
         hf_config = arch.to_hf_config(source.cfg.get("hf_config"), dtype=_HF_DTYPE_NAMES[dtype])
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        tokenizer = source.tokenizer(Path(scratch))
+        tokenizer = source.tokenizer(scratch_dir)
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         else:

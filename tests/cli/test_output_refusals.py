@@ -53,7 +53,7 @@ DROP_INS = {
     "megatron_change_num_partitions.py": (["--model_file", "{nemo}", "--target_file", "{out}",
                                            "--target_tensor_model_parallel_size", "1"], 2),
     "add_special_tokens_to_sentencepiece.py": (["--input_file", "{sp}", "--output_file", "{out}", "--tokens", "<x>"],
-                                               1),
+                                               2),
 }  # fmt: skip
 
 

@@ -73,7 +73,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_with_a_note(tmp_path: Pat
     records: list[logging.LogRecord] = []
     handler = logging.Handler()  # on the module's logger: another test's CLI run may filter the root's handlers
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("neva_tools.utils.atomic")
+    logger = logging.getLogger("neva_tools.utils.temporaries")
     logger.addHandler(handler)
     level, _ = logger.level, logger.setLevel(logging.INFO)
     try:

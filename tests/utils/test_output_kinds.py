@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from neva_tools.errors import NevaError
-from neva_tools.utils import atomic
+from neva_tools.utils import atomic, output_kinds
 from neva_tools.utils.atomic import OutputKind, atomic_path, check_output_path, kind_problem
 
 
@@ -139,7 +139,7 @@ def test_symlinks_are_refused(tmp_path: Path) -> None:
 
 
 def test_large_json_is_recognised_by_its_first_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_JSON_PARSE_LIMIT", 64)
+    monkeypatch.setattr(output_kinds, "_JSON_PARSE_LIMIT", 64)
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"max_seq_length": 8, "fill_ratio": 1.0, "bins": [[i] for i in range(100)]}))
     assert kind_problem(plan, atomic.PACK_PLAN) is None
