@@ -20,6 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="conversation template (default: the one the model was trained with)")
     p.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel size; launch as many processes with torchrun --nproc_per_node")  # fmt: skip
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weight dtype (default auto: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
@@ -30,7 +32,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
         help="answer a prompt about images with a NeVA model (KV-cached decoding)",
         description="Renders the prompt with the model's conversation template, decodes greedily (or samples with "
         "--temperature/--top-p) until the template's end of turn, EOS or --max-new-tokens, and prints the answer. "
-        "--batch answers a JSONL file of {prompt, image|images, id, system} objects into --output.",
+        "--batch answers a JSONL file of {prompt, image|images, id, system} objects into --output, --batch-size "
+        "prompts per forward pass. --dtype auto loads bf16 weights on CUDA, fp32 on the CPU.",
     )
     add_model_args(p)
     what = p.add_mutually_exclusive_group(required=True)
@@ -39,6 +42,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--image", action="append", default=[], help="an image for --prompt (repeat for several)")
     p.add_argument("--system", help="system prompt instead of the template's default")
     p.add_argument("--output", help="answers JSONL for --batch")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="prompts of --batch per forward pass (default 16; answers as one at a time)")  # fmt: skip
     p.add_argument("--image-folder", help="root for relative image paths in --batch")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation budget (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
@@ -71,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
         raise NevaError(f"image(s) not found: {', '.join(missing)}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     with inference_session(args.tp, "generate", seed=args.seed):
-        loaded = load_neva(args.model, vision=args.vision, llm=args.llm, template=args.template)
+        loaded = load_neva(args.model, vision=args.vision, llm=args.llm, template=args.template, dtype=args.dtype)
         if args.batch is not None:
             rows = answer_file(loaded, args.batch, args.output, image_folder=args.image_folder,
-                               max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               overwrite=args.overwrite)  # fmt: skip
+                               max_new_tokens=args.max_new_tokens, sampling=sampling, overwrite=args.overwrite,
+                               batch_size=args.batch_size)  # fmt: skip
             if global_rank() == 0:
                 print(f"{len(rows)} answers written to {args.output}")
             return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 from neva_tools.data.records import Record, Turn, iter_records, resolve_media
 from neva_tools.errors import NevaError
+from neva_tools.inference.batch import Request, generate_batch
 from neva_tools.inference.generate import Generation, Sampling, generate
 from neva_tools.inference.load import LoadedNeva, load_image_batch
 from neva_tools.inference.prompt import generation_prompt, stop_token_ids, user_message
@@ -24,17 +25,24 @@ from neva_tools.utils.log import global_rank, progress
 PROMPT_KEYS = ("id", "prompt", "image", "images", "system")
 
 
+def prompt_request(loaded: LoadedNeva, prompt: str, images: Sequence[str | Path] = (), *, system: str | None = None,
+                   where: str = "prompt", seed: int | None = None) -> Request:  # fmt: skip
+    """``prompt`` about ``images`` rendered with the model's template, images processed as in training (AnyRes
+    tiles), as a :class:`~neva_tools.inference.batch.Request`."""
+    turns = [Turn("user", user_message(prompt, len(images), where))]
+    ids = generation_prompt(turns, loaded.template, loaded.tokenizer, where=where, system=system,
+                            im_start_end=loaded.im_start_end).input_ids  # fmt: skip
+    return Request(ids, load_image_batch(list(images), loaded.image_processor), seed=seed, where=where)
+
+
 def answer(loaded: LoadedNeva, prompt: str, images: Sequence[str | Path] = (), *, system: str | None = None,
            max_new_tokens: int = 256, sampling: Sampling | None = None,
            where: str = "prompt") -> Generation:  # fmt: skip
     """The model's answer to ``prompt`` about ``images``, rendered with its template; stops at the end of turn."""
-    turns = [Turn("user", user_message(prompt, len(images), where))]
-    ids = generation_prompt(turns, loaded.template, loaded.tokenizer, where=where, system=system,
-                            im_start_end=loaded.im_start_end).input_ids  # fmt: skip
-    pixels = load_image_batch(list(images), loaded.image_processor)  # as training processes them (AnyRes tiles)
+    request = prompt_request(loaded, prompt, images, system=system, where=where)
     stops = stop_token_ids(loaded.template, loaded.tokenizer)
-    return generate(loaded.model, loaded.tokenizer, ids, pixels, max_new_tokens=max_new_tokens, sampling=sampling,
-                    stop_ids=stops, vocab_size=loaded.vocab_size)  # fmt: skip
+    return generate(loaded.model, loaded.tokenizer, request.input_ids, request.images, max_new_tokens=max_new_tokens,
+                    sampling=sampling, stop_ids=stops, vocab_size=loaded.vocab_size)  # fmt: skip
 
 
 def read_prompts(path: str | Path) -> list[Record]:
@@ -66,19 +74,29 @@ def read_prompts(path: str | Path) -> list[Record]:
 
 
 def answer_file(loaded: LoadedNeva, path: str | Path, output: str | Path, *, image_folder: str | Path | None = None,
-                max_new_tokens: int = 256, sampling: Sampling | None = None,
-                overwrite: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """Answer every prompt of the batch file ``path``; rank 0 writes ``output`` (JSONL). Returns the rows."""
+                max_new_tokens: int = 256, sampling: Sampling | None = None, overwrite: bool = False,
+                batch_size: int = 16) -> list[dict[str, Any]]:  # fmt: skip
+    """Answer every prompt of the batch file ``path``, ``batch_size`` per forward pass
+    (:func:`~neva_tools.inference.batch.generate_batch`: the answers of one at a time, every line sampled with
+    ``sampling.seed`` as :func:`answer` samples it); rank 0 writes ``output`` (JSONL). Returns the rows."""
     records = read_prompts(path)
     if global_rank() == 0:
         check_output_path(Path(output), overwrite, ANSWERS)
+    seed = (sampling or Sampling()).seed
+    stops = stop_token_ids(loaded.template, loaded.tokenizer)
     rows = []
-    for record in progress(records, desc="prompts", unit="prompt"):
-        images = [resolve_media(p, image_folder) for p in record.images]
-        out = answer(loaded, record.raw["prompt"], images, system=record.raw.get("system"),
-                     max_new_tokens=max_new_tokens, sampling=sampling, where=record.where())  # fmt: skip
-        rows.append({"id": record.id, "prompt": record.raw["prompt"], "answer": out.text, "stop": out.stop,
-                     "new_tokens": len(out.tokens)})  # fmt: skip
+    chunk = 4 * batch_size  # prompts whose images are held at once; sorted by length inside
+    with progress(total=len(records), desc="prompts", unit="prompt") as bar:
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
+            requests = [prompt_request(loaded, r.raw["prompt"], [resolve_media(p, image_folder) for p in r.images],
+                                       system=r.raw.get("system"), where=r.where(), seed=seed)
+                        for r in part]  # fmt: skip
+            outs = generate_batch(loaded.model, loaded.tokenizer, requests, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
+                                  vocab_size=loaded.vocab_size, on_result=lambda i, g: bar.update(1))  # fmt: skip
+            rows.extend({"id": record.id, "prompt": record.raw["prompt"], "answer": out.text, "stop": out.stop,
+                         "new_tokens": len(out.tokens)} for record, out in zip(part, outs, strict=True))  # fmt: skip
     if global_rank() == 0:
         with atomic_path(output, kind=ANSWERS, overwrite=overwrite) as tmp:
             tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

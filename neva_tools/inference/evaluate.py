@@ -10,8 +10,9 @@ On a LLaVA-format file (the records ``neva train`` reads):
   are most likely (summed log-likelihood) is the prediction; the reference is the record's last answer and must
   be a candidate.
 * ``generation``: for records whose last answer is short (at most ``short_answer_words`` words) the model answers
-  greedily (``neva_tools.inference.generate``); exact match and "contains" (the reference as whole words inside the
-  answer) are computed on normalised text (lower case, punctuation removed, spaces collapsed).
+  greedily, ``batch_size`` prompts at a time (``neva_tools.inference.batch``: the answers of one at a time); exact
+  match and "contains" (the reference as whole words inside the answer) are computed on normalised text (lower
+  case, punctuation removed, spaces collapsed).
 
 Every metric is reported overall and per record ``kind`` when records carry one.
 """
@@ -34,7 +35,8 @@ from neva_tools.data.records import Record, Turn, resolve_media
 from neva_tools.data.registry import DatasetSpec, DatasetUse
 from neva_tools.data.templates import IGNORE_INDEX, tokenize_conversation
 from neva_tools.errors import NevaError
-from neva_tools.inference.generate import as_image_batch, generate
+from neva_tools.inference.batch import Request, generate_batch
+from neva_tools.inference.generate import as_image_batch
 from neva_tools.inference.load import LoadedNeva, load_image_batch
 from neva_tools.inference.prompt import answer_span, generation_prompt, stop_token_ids
 from neva_tools.inference.scoring import token_nll
@@ -49,7 +51,7 @@ class EvalSettings:
     """What to compute and how (see the module docstring)."""
 
     metrics: tuple[str, ...] = METRICS
-    batch_size: int = 8  # records per forward pass for the loss
+    batch_size: int = 8  # records per forward pass for the loss, prompts per forward pass for the generations
     max_new_tokens: int = 16  # generation budget per short answer
     short_answer_words: int = 5  # generation metrics only for references up to this many words
     candidates: Candidates = None  # {kind: [answers]} or [answers] for records without their own list
@@ -219,6 +221,18 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
     choice, generation, predictions = _Tally(), _Tally(), []
     stops = stop_token_ids(loaded.template, loaded.tokenizer)
     want_choice, want_gen = "choice" in settings.metrics, "generation" in settings.metrics
+    pending: list[tuple[_Question, dict[str, Any], Request]] = []  # generations, asked settings.batch_size at a time
+
+    def answer_pending() -> None:
+        outs = generate_batch(loaded.model, loaded.tokenizer, [r for _, _, r in pending],
+                              batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, stop_ids=stops,
+                              vocab_size=loaded.vocab_size)  # fmt: skip
+        for (q, row, _), out in zip(pending, outs, strict=True):
+            row["generated"] = out.text
+            exact, contains = short_answer_scores(out.text, q.reference)
+            generation.add(q.kind, exact_match=exact, contains=contains)
+        pending.clear()
+
     for q in progress(questions if want_choice or want_gen else [], desc="answers", unit="record"):
         images = load_image_batch([resolve_media(p, folder) for p in q.record.images], loaded.image_processor)
         row: dict[str, Any] = {"id": q.record.id, "kind": q.kind or None, "reference": q.reference}
@@ -230,13 +244,12 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
         if want_gen and len(q.reference.split()) <= settings.short_answer_words:
             prompt = generation_prompt(q.context, loaded.template, loaded.tokenizer, where=q.record.where(),
                                        im_start_end=loaded.im_start_end)  # fmt: skip
-            out = generate(loaded.model, loaded.tokenizer, prompt.input_ids, images,
-                           max_new_tokens=settings.max_new_tokens, stop_ids=stops,
-                           vocab_size=loaded.vocab_size)  # fmt: skip
-            row["generated"] = out.text
-            exact, contains = short_answer_scores(out.text, q.reference)
-            generation.add(q.kind, exact_match=exact, contains=contains)
+            pending.append((q, row, Request(prompt.input_ids, images, where=q.record.where())))
+            if len(pending) == settings.batch_size:
+                answer_pending()
         predictions.append(row)
+    if pending:
+        answer_pending()
     if want_choice:
         report["choice"] = choice.summary()
     if want_gen:

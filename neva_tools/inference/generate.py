@@ -11,7 +11,8 @@ every step (the reference the tests compare against).
 
 Logits are gathered over tensor-parallel ranks (``runtime_gather_output``), so every rank picks the same token;
 sampled tokens are also broadcast from the first rank of the group. Sampling (temperature, top-p) is megatron-core's
-own ``TextGenerationController._torch_sampling_func`` with a seeded CPU generator.
+own ``TextGenerationController._torch_sampling_func`` with a seeded CPU generator. Several prompts at once:
+:func:`neva_tools.inference.batch.generate_batch` (the same tokens, one forward per step for the whole batch).
 """
 
 from __future__ import annotations
@@ -132,9 +133,10 @@ def generate(
     if max_new_tokens < 1:
         raise NevaError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
     stops = set((tokenizer.eos_id,) if stop_ids is None else stop_ids) - {None}
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     batch = as_image_batch(model, images)
-    images = batch.pixels.to(device)
+    images = batch.pixels.to(device=device, dtype=param.dtype)  # bf16 weights take bf16 images
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     num_images = int((ids == IMAGE_TOKEN_INDEX).sum())
     if num_images != len(batch):

@@ -140,17 +140,40 @@ def _vision_tower(cfg: dict[str, Any], vision: str | Path | None, nemo: Path,
     return arch, vision_state_to_mcore(state, arch, kind, select_layer=select), source  # CLIP or SigLIP, as trained
 
 
+#: ``--dtype`` names → weight dtypes; ``auto`` is bf16 on CUDA and fp32 on the CPU (see :func:`weight_dtype`).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """The weight dtype for ``name`` (``fp32``, ``bf16``, ``fp16`` or a ``torch.dtype``); ``auto``/None: bf16 where
+    CUDA is available (as inference is normally run), fp32 on the CPU (bf16 matmuls there are slow and the tests
+    compare fp32 results)."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise NevaError(f"weight dtype {name} is not supported; choose from {', '.join(DTYPES)}")
+        return name
+    if name is None or name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise NevaError(f"weight dtype {name!r} (--dtype) is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_neva(
     nemo: str | Path,
     *,
     vision: str | Path | None = None,
     llm: str | Path | None = None,
     template: str | None = None,
+    dtype: str | torch.dtype = "fp32",
 ) -> LoadedNeva:
     """Build the NeVA model of ``nemo`` for this TP rank and load every weight (collective under TP).
 
     Needs megatron's parallel state (``neva_tools.model.parallel.init_distributed``). ``vision`` overrides the
     stored CLIP location, ``llm`` the LLM weights (default: the archive's, else ``mm_cfg.llm.from_pretrained``).
+    ``dtype`` (:func:`weight_dtype`: ``fp32``, ``bf16``, ``fp16`` or ``auto``): the weights are loaded in fp32, then
+    cast, as megatron-core's ``Float16Module`` casts them for training (RoPE frequencies stay fp32); callers cast
+    the images to the model's dtype (``generate``, ``generate_batch`` and the scoring do).
     """
     from megatron.core import parallel_state
 
@@ -162,6 +185,7 @@ def load_neva(
     nemo = Path(nemo)
     cfg = neva_config(nemo)
     template_used = template_name(cfg, template)  # fail before any weights are read
+    weights = weight_dtype(dtype)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     mm = cfg["mm_cfg"]
     projector = str(mm.get("mm_mlp_adapter_type") or "mlp2x_gelu")
@@ -174,6 +198,7 @@ def load_neva(
     model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
                                projector_type=projector, projector_from=nemo, vocab_size=trained,
                                image_layout=layout)  # fmt: skip
+    model.to(weights)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -185,7 +210,8 @@ def load_neva(
     if im_start_end:
         image_wrap_ids(tokenizer, im_start_end)  # the tokens exist (else a NevaError naming them), before any prompt
     aspect = str((cfg.get("data") or {}).get("image_aspect_ratio") or "pad")
-    logger.info("loaded %s (LLM from %s, vision %s) at TP=%d", nemo, llm_path, source, tp)
+    logger.info("loaded %s (LLM from %s, vision %s) at TP=%d in %s", nemo, llm_path, source, tp,
+                str(weights).removeprefix("torch."))  # fmt: skip
     processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, aspect, layout=layout)
     return LoadedNeva(model, tokenizer, template_used, processor, trained,
                       int(model.language_model.max_sequence_length), nemo, im_start_end)  # fmt: skip

@@ -39,11 +39,13 @@ def token_nll(model: Any, batch: dict[str, Any], vocab_size: int) -> torch.Tenso
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     ids, tiles = batch["input_ids"].to(device), batch.get("num_image_tiles")
     tiles = None if tiles is None else tiles.to(device)
     placement = {"image_sizes": batch["image_sizes"].to(device)} if "image_sizes" in batch else {}
-    output = model(batch["images"].to(device), ids, batch["position_ids"].to(device), None, num_image_tiles=tiles,
+    images = batch["images"].to(device=device, dtype=param.dtype)  # bf16 weights take bf16 images
+    output = model(images, ids, batch["position_ids"].to(device), None, num_image_tiles=tiles,
                    runtime_gather_output=False, **placement)  # fmt: skip
     logits = output[0] if isinstance(output, tuple) else output  # [b, s_expanded, V / TP]
     widths = batch.get("image_tokens")

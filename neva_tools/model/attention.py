@@ -59,6 +59,9 @@ class SdpaDotProductAttention(DotProductAttention):
                 allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
         dropout = self.attention_dropout.p if self.training else 0.0
         gqa = q.size(1) != k.size(1)
+        if gqa and allowed is not None and q.is_cuda:  # masked GQA runs the O(s²)-memory math kernel: share heads here
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+            gqa = False
 
         def attend() -> torch.Tensor:
             return torch.nn.functional.scaled_dot_product_attention(

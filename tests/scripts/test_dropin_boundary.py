@@ -74,7 +74,10 @@ def test_preprocess_dropin_non_utf8_input_names_the_line(tmp_path: Path, sp_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
-@pytest.mark.parametrize("point", ["call:neva_tools.convert.hf_to_nemo:convert_hf_to_nemo@group", "import:torch.nn@group"])
+POINTS = ["call:neva_tools.convert.hf_to_nemo:convert_hf_to_nemo@group", "import:torch.nn@group"]
+
+
+@pytest.mark.parametrize("point", POINTS)
 def test_ctrl_c_in_a_dropin_is_one_line_and_130(point: str, llama_hf: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
