@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
             a.add_argument("--devices", type=positive_int, metavar="N",
                            help="processes per node (scripts/train.sh N): global batch vs micro × DP "
                                 "(default: trainer.devices when set)")  # fmt: skip
+            a.add_argument("--plan", action="store_true", help="also print neva plan's per-GPU memory and layouts "
+                           "(exit 1 when the config's layout does not fit)")  # fmt: skip
+            from neva_tools.cli.plan import add_plan_options
+
+            add_plan_options(a)
         a.set_defaults(func=func)
 
 
@@ -56,7 +61,12 @@ def run_validate(args: argparse.Namespace) -> int:
     if problems:
         print(f"FAILED: {len(problems)} problems")
         return 1
-    return _check_data(args, cfg)
+    status = _check_data(args, cfg)
+    if args.plan:
+        from neva_tools.cli.plan import print_plan
+
+        status = max(status, print_plan(cfg, args))
+    return status
 
 
 def _check_data(args: argparse.Namespace, cfg: Any) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from neva_tools.cli.common import positive_int
 from neva_tools.data.megatron_flags import add_preprocess_flags
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
                      help="accept image paths outside --image-folder (absolute, or with ..); without a folder any "
                      "path is accepted")  # fmt: skip
     val.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _video_args(val)
     val.set_defaults(func=run_validate)
 
     pack = dsub.add_parser("pack", parents=[parent], help="plan sequence packing (first-fit-decreasing) of a dataset")
@@ -178,6 +179,28 @@ def _layout(args: argparse.Namespace) -> ImageLayout | None:
     return None if args.image_tokens else layout
 
 
+def _video_args(p: argparse.ArgumentParser) -> None:
+    """The frame sampling of video records (``model.data``'s video keys; defaults: the config's, else Qwen-VL's)."""
+    p.add_argument("--video-folder", help="folder that relative video paths resolve against (default: --image-folder)")
+    p.add_argument("--base-interval", type=float, help="seconds between sampled frames (default 2)")
+    p.add_argument("--video-min-frames", type=positive_int, help="fewest frames; shorter clips are invalid (default 4)")
+    p.add_argument("--video-max-frames", "--frames-upbound", type=positive_int, dest="video_max_frames",
+                   help="most frames, spread uniformly over longer clips (default 8)")  # fmt: skip
+
+
+def _video_sampling(args: argparse.Namespace, cfg: DictConfig | None) -> Any:
+    """The ``VideoSampling`` of the config's ``model.data`` with the flags given."""
+    from neva_tools.data.video import VideoSampling
+
+    data = dict(cfg.model.data) if cfg is not None else {}
+    flags = {"base_interval": args.base_interval, "video_min_frames": args.video_min_frames,
+             "video_max_frames": args.video_max_frames}  # fmt: skip
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.video_max_frames is not None:
+        data["frames_upbound"] = 0  # the flag names the one value
+    return VideoSampling.from_config(data)
+
+
 def run_validate(args: argparse.Namespace) -> int:
     """``neva data validate``."""
     from neva_tools.data.templates import image_wrap
@@ -200,6 +223,8 @@ def run_validate(args: argparse.Namespace) -> int:
             layout=_layout(args),
             allow_outside=args.allow_outside,
             im_start_end=(image_wrap(cfg.model.mm_cfg) or False) if cfg is not None else False,
+            video=_video_sampling(args, cfg),
+            video_folder=args.video_folder,
         )
         report = validate(args.annotations, settings, workers=args.workers)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
@@ -219,7 +244,11 @@ def _validate_training_data(args: argparse.Namespace, cfg: DictConfig) -> Report
     flags = {"data.image_folder": args.image_folder, "data.conv_template": args.template,
              "data.max_seq_length": args.max_seq_length, "data.image_aspect_ratio": args.image_aspect_ratio,
              "data.image_grid_pinpoints": args.image_grid_pinpoints,
-             "mm_cfg.mm_patch_merge_type": args.mm_patch_merge_type}  # fmt: skip
+             "mm_cfg.mm_patch_merge_type": args.mm_patch_merge_type, "data.video_folder": args.video_folder,
+             "data.base_interval": args.base_interval, "data.video_min_frames": args.video_min_frames,
+             "data.video_max_frames": args.video_max_frames}  # fmt: skip
+    if args.video_max_frames is not None:
+        flags["data.frames_upbound"] = 0  # the flag names the one value
     if args.allow_outside:
         flags["data.allow_outside_image_folder"] = True
     for key, value in flags.items():

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from neva_tools.cli.common import positive_int
 
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     what.add_argument("--prompt", help="the user's message; <image> marks where images go (default: first)")
     what.add_argument("--batch", metavar="FILE.jsonl", help="answer every prompt of this JSONL file")
     p.add_argument("--image", action="append", default=[], help="an image for --prompt (repeat for several)")
+    p.add_argument("--video", help="a video for --prompt (<video> marks where it goes; default: first), its frames "
+                   "sampled as the model was trained (model.data.base_interval, video_min/max_frames)")  # fmt: skip
     p.add_argument("--system", help="system prompt instead of the template's default")
     p.add_argument("--output", help="answers JSONL for --batch")
     p.add_argument("--batch-size", type=positive_int, default=16,
@@ -71,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output_path(Path(args.output), args.overwrite, ANSWERS)
         read_prompts(args.batch)  # a bad line fails before the model is loaded
-    missing = [image for image in args.image if not Path(image).is_file()]
+    if args.video is not None and (args.batch is not None or args.image):
+        raise NevaError("--video goes with --prompt and without --image")
+    missing = [image for image in args.image + ([args.video] if args.video else []) if not Path(image).is_file()]
     if missing:
         raise NevaError(f"image(s) not found: {', '.join(missing)}")
     sampling = Sampling(args.temperature, args.top_p, args.seed)
@@ -84,8 +89,11 @@ def run(args: argparse.Namespace) -> int:
             if global_rank() == 0:
                 print(f"{len(rows)} answers written to {args.output}")
             return 0
-        out = answer(loaded, args.prompt, args.image, system=args.system, max_new_tokens=args.max_new_tokens,
-                     sampling=sampling)  # fmt: skip
+        if args.video is not None:
+            out = _answer_video(loaded, args, sampling)
+        else:
+            out = answer(loaded, args.prompt, args.image, system=args.system, max_new_tokens=args.max_new_tokens,
+                         sampling=sampling)  # fmt: skip
         if global_rank() == 0:
             if not out.text.strip():
                 logger.warning("%s", empty_answer_notice(out.stop, len(out.tokens)))
@@ -94,6 +102,24 @@ def run(args: argparse.Namespace) -> int:
             elif out.text.strip():
                 print(out.text)
     return 0
+
+
+def _answer_video(loaded: Any, args: argparse.Namespace, sampling: Any) -> Any:
+    """The answer to ``--prompt`` about ``--video``: the clip is the prompt's one media entry (its sampled frames)."""
+    from neva_tools.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Turn
+    from neva_tools.data.video import VideoSampling, video_batch
+    from neva_tools.inference.generate import generate
+    from neva_tools.inference.load import neva_config
+    from neva_tools.inference.prompt import generation_prompt, stop_token_ids, user_message
+
+    video = VideoSampling.from_config(neva_config(args.model).get("data"))
+    batch = video_batch(args.video, video, loaded.image_processor, int(loaded.model.img_seq_len))
+    text = user_message(args.prompt.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER), 1)
+    ids = generation_prompt([Turn("user", text)], loaded.template, loaded.tokenizer, system=args.system,
+                            im_start_end=loaded.im_start_end).input_ids  # fmt: skip
+    stops = stop_token_ids(loaded.template, loaded.tokenizer)
+    return generate(loaded.model, loaded.tokenizer, ids, batch, max_new_tokens=args.max_new_tokens,
+                    sampling=sampling, stop_ids=stops, vocab_size=loaded.vocab_size)  # fmt: skip
 
 
 def empty_answer_notice(stop: str, new_tokens: int) -> str:

@@ -25,6 +25,7 @@ try:
         export,
         generate,
         importer,
+        plan,
         repartition,
         tokenizer,
         train,
@@ -35,7 +36,7 @@ except KeyboardInterrupt:
     boundary.interrupted_while_starting()
 
 #: Subcommand modules, each with ``register(subparsers, parent)``.
-SUBCOMMANDS = (tokenizer, convert, repartition, data, train, config, generate, eval_cmd, export, importer)
+SUBCOMMANDS = (tokenizer, convert, repartition, data, train, config, plan, generate, eval_cmd, export, importer)
 
 
 def build_parser() -> argparse.ArgumentParser:

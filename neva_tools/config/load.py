@@ -26,7 +26,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
-from neva_tools.config import nemo_keys
+from neva_tools.config import translate as nemo_translate
 from neva_tools.config.suggest import suggestions
 from neva_tools.config.values import show, value_problems
 from neva_tools.errors import NevaError
@@ -148,7 +148,7 @@ def _merge(cfg: DictConfig, source: str, new: DictConfig, problems: list[str]) -
         return OmegaConf.merge(cfg, new)
     except (OmegaConfBaseException, TypeError, ValueError):
         pass
-    for key, value in nemo_keys.flat_items(new):
+    for key, value in nemo_translate.flat_items(new):
         one: dict[str, Any] = {}
         node = one
         *parents, leaf = key.split(".")
@@ -225,7 +225,7 @@ def load_config_report(
     problems: list[str] = []
     same: dict[str, tuple[str, Any]] = {}
     for source, raw in sources:
-        done = nemo_keys.translate(raw, source, functools.partial(_is_ours, cfg))
+        done = nemo_translate.translate(raw, source, functools.partial(_is_ours, cfg))
         unknown += [(source, key) for key in done.unknown]
         problems += done.problems
         report.mapped += [m for m in done.mapped if m not in report.mapped]
@@ -253,7 +253,7 @@ def load_config_report(
     except (ConfigAttributeError, ConfigKeyError, InterpolationResolutionError) as exc:
         raise NevaError(f"config interpolation failed: {exc}") from None
     for key, (other, value) in same.items():
-        if (not isinstance(value, str) or "${" not in value) and not nemo_keys.same_value(
+        if (not isinstance(value, str) or "${" not in value) and not nemo_translate.same_value(
             value, OmegaConf.select(cfg, other)
         ):
             raise NevaError(f"{key} is {value!r} but {other} is {OmegaConf.select(cfg, other)!r}; they must "

@@ -29,6 +29,7 @@ from neva_tools.data.packing import first_fit_decreasing, pack_sequences
 from neva_tools.data.records import Record, load_annotations, media_path_problem, media_problems, resolve_media
 from neva_tools.data.registry import DatasetUse, sample_indices
 from neva_tools.data.templates import IGNORE_INDEX, IMAGE_TOKEN_INDEX, tokenize_conversation
+from neva_tools.data.video import VideoSampling, clip_tokens, sampled_frames, video_batch
 from neva_tools.errors import NevaError
 from neva_tools.tokenizer.text import TextTokenizer
 
@@ -38,13 +39,21 @@ class _Item:
     record: Record
     image_folder: Path | None
     template: str
+    video_folder: Path | None = None
+
+    def media(self) -> list[Path]:
+        """The record's image paths, or its one video path, resolved against their folders."""
+        if self.record.video is not None:
+            return [resolve_media(self.record.video, self.video_folder)]
+        return [resolve_media(p, self.image_folder) for p in self.record.images]
 
 
 def load_items(uses: Sequence[DatasetUse], default_template: str | None, seed: int, *,
-               allow_outside: bool = False) -> list[_Item]:  # fmt: skip
-    """The records a dataset list selects, in order; unparsable records, records training cannot use (video, malformed
-    ``image``/``images``) and image paths leaving the dataset's image folder (unless ``allow_outside``) are an error
-    listing them."""
+               allow_outside: bool = False, video_folder: str | os.PathLike | None = None) -> list[_Item]:  # fmt: skip
+    """The records a dataset list selects, in order; unparsable records, records training cannot use (malformed
+    ``image``/``images``/``video``, ``<video>`` tags that do not match the video) and image or video paths leaving
+    the dataset's image folder (videos: ``video_folder`` when given) unless ``allow_outside`` are an error listing
+    them."""
     items = []
     refused: list[str] = []
     for use in uses:
@@ -59,12 +68,16 @@ def load_items(uses: Sequence[DatasetUse], default_template: str | None, seed: i
         for i in sample_indices(len(ann.records), use.percent, seed, use.spec.name):
             record = ann.records[i]
             why = [message for _, message, _ in media_problems(record)]
+            videos = Path(video_folder) if video_folder is not None else use.spec.data_path
             if not why:
                 paths = (media_path_problem(p, use.spec.data_path, allow_outside) for p in record.images)
                 why = [f"image {p!r}: {problem}" for p, problem in zip(record.images, paths, strict=True) if problem]
+            if not why and record.video is not None:
+                problem = media_path_problem(record.video, videos, allow_outside)
+                why = [f"video {record.video!r}: {problem}"] if problem else []
             if why:
                 refused.append(f"{record.where()}: {why[0]}"[:300])
-            items.append(_Item(record, use.spec.data_path, template))
+            items.append(_Item(record, use.spec.data_path, template, videos))
     if refused:
         raise NevaError(f"{len(refused)} records training cannot use ({'; '.join(refused[:5])}); fix or remove them "
                         "(neva data validate lists them all)")  # fmt: skip
@@ -86,8 +99,11 @@ class NevaDataset(Dataset):
         image_tokens: int = 576,
         im_start_end: bool | tuple[str, str] = False,
         allow_outside: bool = False,
+        video: VideoSampling | None = None,
+        video_folder: str | os.PathLike | None = None,
     ) -> None:
-        self.items = load_items(uses, template, seed, allow_outside=allow_outside)
+        self.items = load_items(uses, template, seed, allow_outside=allow_outside, video_folder=video_folder)
+        self.video = video or VideoSampling()
         self.im_start_end = im_start_end
         self.tokenizer_path = Path(tokenizer_path)
         self.image_processor = image_processor
@@ -114,10 +130,11 @@ class NevaDataset(Dataset):
         """(input_ids, labels) of item ``index``, shifted for next-token prediction, and its image count."""
         item = self.items[index]
         where = item.record.where()
-        tok = tokenize_conversation(item.record.turns(), item.template, self.tokenizer, where=where,
+        tok = tokenize_conversation(item.record.media_turns(), item.template, self.tokenizer, where=where,
                                     im_start_end=self.im_start_end)  # fmt: skip
-        if tok.num_images != len(item.record.images):
-            raise NevaError(f"{where}: {tok.num_images} <image> placeholders but {len(item.record.images)} images")
+        media = len(item.record.images) + int(item.record.video is not None)
+        if tok.num_images != media:
+            raise NevaError(f"{where}: {tok.num_images} <image>/<video> placeholders but {media} images or videos")
         if self.max_seq_length is not None:
             length = tok.expanded_length(self.image_token_counts(index))
             if length > self.max_seq_length:
@@ -131,17 +148,22 @@ class NevaDataset(Dataset):
         """(has images, length) of every item from its record alone, no image or tokenizer read: LLaVA's
         ``modality_lengths``, the words (whitespace-separated) of all turns, at least 1 (what
         ``model.data.group_by_modality_length`` groups by)."""
-        images = [bool(item.record.images) for item in self.items]
+        images = [bool(item.record.images) or item.record.video is not None for item in self.items]
         lengths = [max(1, sum(len(turn.text.split()) for turn in item.record.turns())) for item in self.items]
         return images, lengths
 
     def image_token_counts(self, index: int) -> list[int]:
         """Embeddings each image of item ``index`` becomes: the processor's layout counts them (reading the image
-        sizes when they are tiled), else ``image_tokens`` each."""
+        sizes when they are tiled), else ``image_tokens`` each; a video is one entry, counted from the frames its
+        header says are sampled (:func:`neva_tools.data.video.clip_tokens`)."""
         item = self.items[index]
-        if self.image_processor.layout is None:
+        layout = self.image_processor.layout
+        if item.record.video is not None:
+            frames, _ = sampled_frames(item.media()[0], self.video, decode=False)
+            return [clip_tokens(frames, layout, self.image_tokens)]
+        if layout is None:
             return [self.image_tokens] * len(item.record.images)
-        return self.image_processor.token_counts([resolve_media(p, item.image_folder) for p in item.record.images])
+        return self.image_processor.token_counts(item.media())
 
     def length(self, index: int) -> int:
         """Tokens of item ``index`` after shifting and image expansion (what packing counts)."""
@@ -149,9 +171,12 @@ class NevaDataset(Dataset):
         return len(ids) + sum(self.image_token_counts(index)) - images
 
     def image_batch(self, index: int) -> ImageBatch:
-        """The item's images processed for the model (``anyres``: a single image is tiled)."""
+        """The item's images processed for the model (``anyres``: a single image is tiled); a video is one entry
+        whose tiles are its sampled frames."""
         item = self.items[index]
-        return self.image_processor.batch([resolve_media(p, item.image_folder) for p in item.record.images])
+        if item.record.video is None:
+            return self.image_processor.batch(item.media())
+        return video_batch(item.media()[0], self.video, self.image_processor, self.image_tokens)
 
     def images(self, index: int) -> torch.Tensor:
         """The item's image views as ``[tiles, 3, H, W]`` (one per image unless tiled; may be empty)."""
@@ -188,13 +213,25 @@ class PackedNevaDataset(Dataset):
             "labels": packed.labels,
             "position_ids": packed.position_ids,
             "cu_seqlens": packed.cu_seqlens,
-            **{key: torch.cat([item[key] for item in items]) for key in IMAGE_KEYS},
+            **{key: torch.cat([item[key] for item in items]) for key in IMAGE_KEYS if key != "image_sizes"},
+            "image_sizes": media_sizes([item["image_sizes"] for item in items]),
             "id": ",".join(str(item["id"]) for item in items),
         }
 
 
-#: The per-image batch keys (``ImageBatch.fields``): views, tiles per image, sizes, embeddings per image.
+#: The per-image batch keys (``ImageBatch.fields``): views, tiles per image, sizes, embeddings per image. A video is
+#: one entry whose tiles are its frames and whose size row has a third column, 1 (:func:`media_sizes`).
 IMAGE_KEYS = ("images", "num_image_tiles", "image_sizes", "image_tokens")
+
+
+def media_sizes(sizes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The size rows of several samples in one tensor: ``[n, 2]`` (height, width) without videos, else ``[n, 3]``
+    with the third column 1 for a video (its frames are pooled 2×2 by the model) and 0 for an image."""
+    if not sizes:
+        return torch.zeros(0, 2, dtype=torch.long)
+    if all(s.shape[-1] == 2 for s in sizes):
+        return torch.cat(sizes)
+    return torch.cat([s if s.shape[-1] == 3 else torch.nn.functional.pad(s, (0, 1)) for s in sizes])
 
 
 def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
@@ -229,7 +266,7 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
         "position_ids": position_ids,
         "images": images_t,
         "num_image_tiles": tiles_t,
-        "image_sizes": torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.long),
+        "image_sizes": media_sizes(sizes),
         "cu_seqlens": [b.get("cu_seqlens") for b in batch],
         "ids": [b["id"] for b in batch],
     }

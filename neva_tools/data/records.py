@@ -20,6 +20,7 @@ from typing import Any
 from neva_tools.errors import NevaError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -58,6 +59,14 @@ class Record:
         """The video path, if any."""
         video = self.raw.get("video")
         return str(video) if isinstance(video, str) else None
+
+    def media_turns(self) -> list[Turn]:
+        """The turns as the model sees them: a video record's ``<video>`` is its one media placeholder (``<image>``,
+        whose embeddings are the clip's frames, :mod:`neva_tools.data.video`)."""
+        turns = self.turns()
+        if self.video is None:
+            return turns
+        return [Turn(t.role, t.text.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER)) for t in turns]
 
     def turns(self) -> list[Turn]:
         """The conversation as turns; unknown roles or malformed turns raise ``NevaError`` naming the record."""
@@ -118,7 +127,6 @@ def _snippet(text: str, limit: int = 80) -> str:
 #: Deepest nesting of lists/objects a record may have (a LLaVA record has 4 levels; deeper input is hostile and would
 #: exhaust the recursion of the JSON parser and of everything that walks the record).
 MAX_DEPTH = 64
-VIDEO_PLACEHOLDER = "<video>"
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _WS = re.compile(r"[ \t\n\r]*")
@@ -287,9 +295,9 @@ def resolve_media(path: str, image_folder: str | os.PathLike | None) -> Path:
 
 def media_problems(record: Record) -> list[tuple[str, str, str]]:
     """``(kind, message, found)`` for what training cannot use in a record besides its structure: a malformed
-    ``image`` / ``images`` (``bad_image_field``), text no tokenizer encodes (``bad_text``: unpaired surrogates) and any
-    video (``video_unsupported``: a ``video`` field or ``<video>`` in a turn, which would otherwise train as the
-    literal text ``<video>``)."""
+    ``image`` / ``images`` (``bad_image_field``), text no tokenizer encodes (``bad_text``: unpaired surrogates), a
+    malformed ``video`` or one next to images (``bad_video_field``) and ``<video>`` placeholders that are not exactly
+    one for the record's video (``video_count_mismatch``, which would otherwise train as the literal text)."""
     raw, out = record.raw, []
     image, images = raw.get("image"), raw.get("images")
     if image is not None and (not isinstance(image, str) or not image):
@@ -310,10 +318,20 @@ def media_problems(record: Record) -> list[tuple[str, str, str]]:
     if bad is not None:
         out.append(("bad_text", "a turn has an unpaired surrogate (a \\ud800-\\udfff escape), which no tokenizer can "
                     "encode", _snippet(repr(bad.string[max(0, bad.start() - 20) : bad.start() + 20]))))  # fmt: skip
-    if raw.get("video") is not None or tagged:
-        found = _snippet(repr(raw["video"])) if raw.get("video") is not None else VIDEO_PLACEHOLDER
-        out.append(("video_unsupported", "video records are not supported yet (they would train as text with a "
-                    "literal <video>); remove the record or give its frames as images", found))  # fmt: skip
+    video = raw.get("video")
+    tags = sum(t["value"].count(VIDEO_PLACEHOLDER) for t in conversations
+               if isinstance(t, dict) and isinstance(t.get("value"), str)) if tagged else 0  # fmt: skip
+    if video is not None and (not isinstance(video, str) or not video):
+        out.append(("bad_video_field", "'video' must be one video path (a non-empty string)", _snippet(repr(video))))
+    elif video is not None and (image is not None or images is not None):
+        out.append(("bad_video_field", "the record has both a 'video' and images; give them as two records",
+                    _snippet(repr(video))))  # fmt: skip
+    elif video is not None and tags != 1:
+        out.append(("video_count_mismatch", f"{tags} <video> placeholders for one video (exactly one is needed)",
+                    _snippet(repr(video))))  # fmt: skip
+    elif video is None and tags:
+        out.append(("video_count_mismatch", f"{tags} <video> placeholders but the record has no 'video'",
+                    VIDEO_PLACEHOLDER))  # fmt: skip
     return out
 
 

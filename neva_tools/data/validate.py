@@ -23,6 +23,7 @@ from neva_tools.data.anyres import ImageLayout, sample_image_tokens
 from neva_tools.data.records import (
     IMAGE_PLACEHOLDER,
     ROLES,
+    VIDEO_PLACEHOLDER,
     Record,
     RecordError,
     iter_records,
@@ -30,6 +31,7 @@ from neva_tools.data.records import (
     media_problems,
     resolve_media,
 )
+from neva_tools.data.video import VideoError, VideoSampling, clip_tokens, sampled_frames
 from neva_tools.errors import NevaError
 from neva_tools.utils.log import progress
 
@@ -51,8 +53,13 @@ KINDS = (
     "image_in_answer",
     "image_missing",
     "image_unreadable",
+    "bad_video_field",
+    "video_count_mismatch",
+    "video_in_answer",
+    "video_outside_folder",
     "video_missing",
-    "video_unsupported",
+    "video_unreadable",
+    "video_too_short",
     "template_error",
     "too_long",
 )
@@ -98,6 +105,8 @@ class Settings:
     layout: ImageLayout | None = None  # counts each image's embeddings (AnyRes); None: image_tokens each
     allow_outside: bool = False  # image paths may leave image_folder (absolute, ..); without a folder they always may
     im_start_end: bool | tuple[str, str] = False  # the two tokens around each image (model.mm_cfg.use_im_start_end)
+    video: VideoSampling = field(default_factory=VideoSampling)  # how clips are sampled (model.data video keys)
+    video_folder: str | None = None  # what video paths resolve against (model.data.video_folder); None: image_folder
 
 
 @dataclass
@@ -185,6 +194,8 @@ def _structure(record: Record, add: Any) -> list[tuple[str, str]] | None:
     for i, (role, text) in enumerate(body):
         if role == "assistant" and IMAGE_PLACEHOLDER in text:
             add("image_in_answer", f"<image> appears in answer turn {i}; it belongs in a human turn", text[:80])
+        if role == "assistant" and VIDEO_PLACEHOLDER in text:
+            add("video_in_answer", f"<video> appears in answer turn {i}; it belongs in a human turn", text[:80])
     return turns
 
 
@@ -234,18 +245,19 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
                     sizes[-1] = image_size_of(full)
             except NevaError as exc:
                 add("image_unreadable", "image cannot be decoded", str(exc))
-    if video is not None and not _is_file(resolve_media(video, settings.image_folder)):
-        add("video_missing", "video file not found", str(resolve_media(video, settings.image_folder)))
+    frames = _check_video(record, settings, media, add)
     if turns is not None and not problems and settings.tokenizer and settings.template:
         from neva_tools.data.templates import tokenize_conversation
 
         try:
-            tok = tokenize_conversation(record.turns(), settings.template, _tokenizer(settings.tokenizer),
+            tok = tokenize_conversation(record.media_turns(), settings.template, _tokenizer(settings.tokenizer),
                                         where=record.where(), im_start_end=settings.im_start_end)  # fmt: skip
         except NevaError as exc:
             add("template_error", f"template {settings.template!r} cannot render this record", str(exc))
         else:
             counts = sample_image_tokens(layout, sizes) if layout is not None else None
+            if frames is not None:
+                counts = [clip_tokens(frames, layout, settings.image_tokens)]
             length = tok.expanded_length(counts if counts is not None else settings.image_tokens)
             stats["length"] = length
             if settings.max_seq_length is not None and length > settings.max_seq_length:
@@ -255,6 +267,29 @@ def check_record(record: Record | RecordError, settings: Settings) -> tuple[list
                 add("too_long", f"{length} tokens after image expansion > max_seq_length {settings.max_seq_length}",
                     found)  # fmt: skip
     return problems, stats
+
+
+def _check_video(record: Record, settings: Settings, media: list[tuple[str, str, str]], add: Any) -> int | None:
+    """The frames sampled from the record's video (header only unless ``decode_images``), or None when it has none
+    or it cannot be used (each reason added as a problem: outside the folder, missing, unreadable, too short)."""
+    video = record.video
+    if video is None or any(kind in ("bad_video_field", "video_count_mismatch") for kind, _, _ in media):
+        return None
+    folder = settings.video_folder if settings.video_folder is not None else settings.image_folder
+    full = resolve_media(video, folder)
+    outside = media_path_problem(video, folder, settings.allow_outside)
+    if outside is not None:
+        add("video_outside_folder", outside.replace("image", "video"), video)
+        return None
+    if not _is_file(full):
+        add("video_missing", "video file not found", str(full))
+        return None
+    try:
+        frames, _ = sampled_frames(full, settings.video, decode=settings.decode_images)
+    except VideoError as exc:
+        add(exc.kind, "video cannot be used", str(exc))
+        return None
+    return frames
 
 
 def _is_file(path: Path) -> bool:

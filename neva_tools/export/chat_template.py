@@ -8,7 +8,8 @@ from the messages:
 
 * a leading ``system`` message replaces the template's default system prompt (an empty one drops the block);
 * ``content`` is a string (``<image>`` placeholders as in our data) or a list of parts: ``{"type": "image"}``
-  renders ``<image>\\n`` (LLaVA's placement), ``{"type": "text", "text": ...}`` its text;
+  renders ``<image>\\n`` (LLaVA's placement), ``{"type": "video"}`` ``<video>\\n`` (LLaVA-OneVision's),
+  ``{"type": "text", "text": ...}`` its text;
 * the part of the user format after ``{q}`` (e.g. `` ASSISTANT:``) is emitted when an assistant message follows
   or, after the last message, with ``add_generation_prompt=True``; an assistant message renders the answer
   format and the end-of-turn token;
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from neva_tools.data.records import IMAGE_PLACEHOLDER
+from neva_tools.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from neva_tools.data.templates import BOS, EOS, Template, get_template, wrap_tokens
 
 _FIELDS = re.compile(r"(\{system\}|\{q\}|\{a\}|" + re.escape(BOS) + "|" + re.escape(EOS) + ")")
@@ -59,20 +60,23 @@ def _split(fmt: str, field: str) -> tuple[str, str]:
 
 
 _IMAGE = _literal(IMAGE_PLACEHOLDER)
+_VIDEO = _literal(VIDEO_PLACEHOLDER)
 
 
 def _content_macro(im_start_end: bool | tuple[str, str] = False) -> str:
     """The Jinja macro rendering a message's content; images wrapped in the start/end tokens with ``im_start_end``."""
     tokens = wrap_tokens(im_start_end)
     image = _literal(tokens[0] + IMAGE_PLACEHOLDER + tokens[1]) if tokens else _IMAGE
-    text = f"content.replace({_IMAGE}, {image})" if tokens else "content"
+    video = _literal(tokens[0] + VIDEO_PLACEHOLDER + tokens[1]) if tokens else _VIDEO
+    text = f"content.replace({_IMAGE}, {image}).replace({_VIDEO}, {video})" if tokens else "content"
     return (
         "{%- macro render(content, keep_text) -%}"
         "{%- if content is string -%}"
         f"{{%- if keep_text -%}}{{{{- {text} -}}}}{{%- else -%}}"
-        f"{{{{- {image} * content.count({_IMAGE}) -}}}}{{%- endif -%}}"
+        f"{{{{- {image} * content.count({_IMAGE}) + {video} * content.count({_VIDEO}) -}}}}{{%- endif -%}}"
         "{%- else -%}{%- for part in content -%}"
-        f"{{%- if part['type'] == 'image' -%}}{{{{- {image} -}}}}"
+        f"{{%- if part['type'] in ('image', 'video') -%}}"
+        f"{{{{- {image} if part['type'] == 'image' else {video} -}}}}"
         "{%- if keep_text -%}{{- '\\n' -}}{%- endif -%}"
         "{%- elif part['type'] == 'text' and keep_text -%}{{- part['text'] -}}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"

@@ -16,9 +16,11 @@ class's image processor set up like our image preprocessing and tiling, a chat t
 conversation template; ``patch_size`` and the class-token count make the processor expand ``<image>`` to exactly
 our image token count, tiles, unpadding and ``image_newline`` rows included), ``generation_config.json`` stopping at
 the template's end of turn, and ``neva_export.json`` (provenance, read back by ``neva import``). OneVision's
-``<video>`` placeholder is not added to the tokenizer (NeVA models take no video): ``video_token_index`` is the image
-token's id. A prompt with several images: training and our inference tile only a single image (as OneVision's
-processor and model do); transformers' LLaVA-NeXT tiles every image, so such prompts match ours only with OneVision.
+``<video>`` is added to the tokenizer like ``<image>`` (``video_token_index``), and its video processor resizes frames
+bicubically to the encoder's size as ours does for square frames (``neva_tools.data.video``: frames are sampled by
+``base_interval`` there; give transformers the sampled frames). A prompt with several images: training and our
+inference tile only a single image (as OneVision's processor and model do); transformers' LLaVA-NeXT tiles every
+image, so such prompts match ours only with OneVision.
 
 ``image_token_index`` must be a real token id: an existing ``<image>`` token is used; otherwise ``<image>`` is
 added after the tokenizer's last token. When that id lies beyond the LLM vocabulary, one embedding (and output)
@@ -48,7 +50,7 @@ from neva_tools.data.templates import EOS, get_template, image_wrap, marks_word_
 from neva_tools.errors import NevaError
 from neva_tools.export.chat_template import chat_template
 from neva_tools.export.source import NemoSource, NevaSource, mm_setting
-from neva_tools.export.tokenizer import check_chat_template, ensure_image_token, hf_tokenizer
+from neva_tools.export.tokenizer import VIDEO_TOKEN, check_chat_template, ensure_image_token, hf_tokenizer
 from neva_tools.export.vision import VisionTower
 from neva_tools.mappings import llava_hf
 from neva_tools.mappings.llava_hf import HfLlavaFormat, choose_format, select_strategy
@@ -133,11 +135,12 @@ def write_llava(source: NevaSource, output: str | Path, *, vision: str | Path | 
         check_chat_template(tok, ours, tpl, jinja, image_id, im_start_end=wrap)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token  # our data pads with EOS when the tokenizer has no pad token
-        added_row = image_id == arch.vocab_size
-        vocab = arch.vocab_size + int(added_row)
-        _write_weights(source, tower, projector, tmp, DTYPES[dtype], max_bytes, added_row)
+        video_id = ensure_image_token(tok, VIDEO_TOKEN) if fmt.video_processor_class else None
+        added_rows = max(0, max(image_id, video_id or 0) + 1 - arch.vocab_size)  # rows for <image> / <video>
+        vocab = arch.vocab_size + added_rows
+        _write_weights(source, tower, projector, tmp, DTYPES[dtype], max_bytes, added_rows)
         end_ids = _end_ids(tok, tpl.end)
-        _write_config(tmp, fmt, source, tower, tok, image_id, vocab, select, dtype, end_ids, layout)
+        _write_config(tmp, fmt, source, tower, tok, (image_id, video_id), vocab, select, dtype, end_ids, layout)
         _write_processor(tmp, fmt, tok, tower, aspect, jinja, layout)
         if tok_path.is_file():
             (tmp / "tokenizer.model").write_bytes(tok_path.read_bytes())  # the original, for `neva import`
@@ -146,7 +149,9 @@ def write_llava(source: NevaSource, output: str | Path, *, vision: str | Path | 
             "source": source.where,
             "template": tpl.name,
             "image_token_index": image_id,
-            "appended_image_row": added_row,
+            "appended_image_row": added_rows > 0,
+            "appended_rows": added_rows,
+            "video_token_index": video_id,
             "llm_vocab_size": arch.vocab_size,
             "vision_source": tower.source,
             "image_aspect_ratio": aspect,
@@ -172,16 +177,17 @@ def _check_projector(projector: dict[str, torch.Tensor], llm_hidden: int, tower:
 
 
 def _write_weights(source: NevaSource, tower: VisionTower, projector: dict[str, torch.Tensor], directory: Path,
-                   dtype: torch.dtype, max_bytes: int, added_row: bool) -> None:  # fmt: skip
-    """Stream every tensor into safetensors shards under llava-hf names."""
+                   dtype: torch.dtype, max_bytes: int, added_rows: int) -> None:  # fmt: skip
+    """Stream every tensor into safetensors shards under llava-hf names (``added_rows`` mean rows appended to the
+    embedding and output matrices for the media tokens)."""
     shards = _ShardWriter(directory, max_bytes)
     entries = source.arch.entries()
     for name, hf_names, split in progress(entries, desc="export hf-llava", unit="tensor"):
         full = source.llm_tensor(name)
         for hf_name, tensor in hf_tensors(name, full, split, hf_names, source.arch).items():
-            if added_row and hf_name in _RESIZED:
+            if added_rows and hf_name in _RESIZED:
                 mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
-                tensor = torch.cat([tensor, mean])
+                tensor = torch.cat([tensor, mean.expand(added_rows, -1)])
             shards.add(LLM_PREFIX + hf_name, tensor.to(dtype).contiguous())
     for name, tensor in projector.items():
         shards.add(name, tensor.to(dtype).contiguous())
@@ -199,9 +205,11 @@ def _end_ids(tok: Any, end: str) -> list[int]:
 
 
 def _write_config(directory: Path, fmt: HfLlavaFormat, source: NevaSource, tower: VisionTower, tok: Any,
-                  image_id: int, vocab: int, select: int, dtype: str, end_ids: list[int],
+                  media_ids: tuple[int, int | None], vocab: int, select: int, dtype: str, end_ids: list[int],
                   layout: ImageLayout | None) -> None:  # fmt: skip
-    """``config.json`` (the format's config class) and ``generation_config.json``."""
+    """``config.json`` (the format's config class) and ``generation_config.json``; ``media_ids``: the ``<image>``
+    and (OneVision) ``<video>`` token ids."""
+    image_id, video_id = media_ids
     import transformers
     from transformers import GenerationConfig
 
@@ -224,7 +232,7 @@ def _write_config(directory: Path, fmt: HfLlavaFormat, source: NevaSource, tower
         settings["image_grid_pinpoints"] = [[h, w] for h, w in layout.pinpoints]  # [height, width], as ours
     if fmt.name == "llava_onevision":
         assert layout is not None
-        settings.update(vision_aspect_ratio=layout.aspect, video_token_index=image_id)  # no video: see the docstring
+        settings.update(vision_aspect_ratio=layout.aspect, video_token_index=video_id)
     config = getattr(transformers, fmt.config_class)(**settings)
     config.architectures = [fmt.architecture]
     config.dtype = _HF_DTYPE_NAMES[dtype]
@@ -262,7 +270,7 @@ def _write_processor(directory: Path, fmt: HfLlavaFormat, tok: Any, tower: Visio
         else:
             image_processor = image_class(do_pad=True, image_grid_pinpoints=pinpoints, **common)
             assert fmt.video_processor_class is not None
-            video = getattr(transformers, fmt.video_processor_class)(**common)  # required; unused (no video)
+            video = getattr(transformers, fmt.video_processor_class)(**common)  # frames: bicubic to size × size
             processor = processor_class(image_processor=image_processor, tokenizer=tok, video_processor=video,
                                         num_image_tokens=tower.arch.num_patches + class_tokens,
                                         vision_feature_select_strategy=strategy, chat_template=jinja,

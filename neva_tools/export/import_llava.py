@@ -18,9 +18,9 @@ their keys: ``data.image_aspect_ratio`` (``anyres``, or OneVision's ``vision_asp
 (``model.language_model.*``, ``model.vision_tower.*``, ``lm_head.*``, ``model.image_newline``). Tensors are
 streamed; unknown or missing ones are listed.
 
-A model exported by us (``neva_export.json``) gets its conversation template back, and the ``<image>`` row the
-export appended to the vocabulary is removed, so ``import(export(x))`` equals ``x`` tensor for tensor (the
-vocabulary padding rows, which no token reaches, are written as zeros).
+A model exported by us (``neva_export.json``) gets its conversation template back, and the ``<image>`` (OneVision:
+and ``<video>``) rows the export appended to the vocabulary are removed, so ``import(export(x))`` equals ``x`` tensor
+for tensor (the vocabulary padding rows, which no token reaches, are written as zeros).
 """
 
 from __future__ import annotations
@@ -212,8 +212,10 @@ def import_hf_llava(
         arch, varch, layer, text_cfg = read.arch, read.vision, read.layer, read.text
         provenance = _provenance(src)
         tensors = LlavaTensors(ckpt)
-        if provenance.get("appended_image_row") and provenance.get("image_token_index") == arch.vocab_size - 1:
-            arch = arch.replace(vocab_size=arch.vocab_size - 1)  # the row `neva export` appended for <image>
+        rows = int(provenance.get("appended_rows", int(bool(provenance.get("appended_image_row")))))
+        last = max(int(provenance.get("image_token_index", -1)), int(provenance.get("video_token_index") or -1))
+        if rows and last == arch.vocab_size - 1:
+            arch = arch.replace(vocab_size=arch.vocab_size - rows)  # the rows `neva export` appended (<image>, <video>)
             tensors.vocab = arch.vocab_size
         tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
         tp_rules.check_divisible(tp, vision_num_attention_heads=varch.num_heads)

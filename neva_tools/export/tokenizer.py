@@ -24,6 +24,7 @@ from neva_tools.tokenizer.text import TextTokenizer
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"  # the llava-hf placeholder; the processor expands it to one token per image feature
+VIDEO_TOKEN = "<video>"  # LLaVA-OneVision's: one token per pooled frame feature, plus the newline
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # sentencepiece piece types
 _UNIGRAM, _BPE = 1, 2
 #: The conversation :func:`check_chat_template` compares (the first round alone for one-round templates).
@@ -119,20 +120,21 @@ def hf_tokenizer(path: Path, template: Template) -> Any:
     return tok
 
 
-def ensure_image_token(tok: Any) -> int:
-    """The id of ``<image>`` in ``tok``, added as a special token at the end of the vocabulary when absent."""
+def ensure_image_token(tok: Any, token: str = IMAGE_TOKEN) -> int:
+    """The id of ``token`` (``<image>``; OneVision's ``<video>`` too) in ``tok``, added as a special token at the end
+    of the vocabulary when absent."""
     from tokenizers import AddedToken
 
     vocab = tok.get_vocab()
-    if IMAGE_TOKEN not in vocab:
-        token = AddedToken(IMAGE_TOKEN, special=True, normalized=False)
-        tok.add_special_tokens({"extra_special_tokens": [token]}, replace_extra_special_tokens=False)
+    if token not in vocab:
+        added = AddedToken(token, special=True, normalized=False)
+        tok.add_special_tokens({"extra_special_tokens": [added]}, replace_extra_special_tokens=False)
         vocab = tok.get_vocab()
-    ids = tok.encode(f"a{IMAGE_TOKEN}b", add_special_tokens=False)
-    if vocab[IMAGE_TOKEN] not in ids:
-        raise NevaError(f"the tokenizer holds {IMAGE_TOKEN} (id {vocab[IMAGE_TOKEN]}) as an ordinary token that does "
+    ids = tok.encode(f"a{token}b", add_special_tokens=False)
+    if vocab[token] not in ids:
+        raise NevaError(f"the tokenizer holds {token} (id {vocab[token]}) as an ordinary token that does "
                         "not match inside text; use a tokenizer without it or with it as a special token")  # fmt: skip
-    return int(vocab[IMAGE_TOKEN])
+    return int(vocab[token])
 
 
 def prompt_ids(tok: Any, text: str) -> list[int]:

@@ -41,7 +41,7 @@ class HfLlavaFormat:
     processor_class: str
     image_processor_class: str
     tiled: bool  # AnyRes: ``image_grid_pinpoints``, ``image_sizes`` and ``image_newline``
-    video_processor_class: str | None = None  # required by the processor (NeVA models take no video)
+    video_processor_class: str | None = None  # OneVision: frames of <video> prompts (neva_tools.data.video)
 
 
 FORMATS: dict[str, HfLlavaFormat] = {

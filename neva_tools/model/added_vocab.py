@@ -86,7 +86,8 @@ def with_added_rows(weight: torch.Tensor, llm_vocab: int, vocab: int) -> torch.T
 
 def _vocab_weights(language_model: Any) -> list[torch.Tensor]:
     """The input embedding and, when untied, the output layer weight of a megatron-core ``GPTModel``."""
-    weights = [language_model.embedding.word_embeddings.weight]
+    embedding = getattr(language_model, "embedding", None)  # pipeline stages: on the first only
+    weights = [embedding.word_embeddings.weight] if embedding is not None else []
     output = getattr(language_model, "output_layer", None)
     tied = getattr(language_model, "share_embeddings_and_output_weights", False)
     if output is not None and getattr(output, "weight", None) is not None and not tied:

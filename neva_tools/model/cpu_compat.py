@@ -12,6 +12,14 @@ megatron-core's ``DistributedDataParallel`` (contiguous grad buffers, ``overlap_
 torch >= 2.14 has the ``reduce_scatter_tensor``/``all_gather_into_tensor`` they use. Not covered here (use something
 else on CPU): ``sequence_parallel=True`` (needs Apex or TE), ``num_distributed_optimizer_instances > 1`` (CUDA
 streams), ``nccl_ub``.
+
+Pipeline parallelism (megatron-core's ``get_forward_backward_func`` schedules, 1F1B and interleaved) runs on CPU
+over gloo too: point-to-point exchange through ``torch.distributed.batch_isend_irecv``, the schedules' token
+counter and the tied embedding's first-to-last-stage copy are patched in :mod:`neva_tools.model.cpu_compat_train`.
+
+The patches live in three modules: this one (devices, RNG, attention masks, the vision encoder),
+:mod:`neva_tools.model.cpu_compat_train` (optimizers, pipeline schedules) and their shared helpers in
+:mod:`neva_tools.model.cpu_patching`; every ``patch_*`` name is importable from here.
 """
 
 from __future__ import annotations
@@ -19,16 +27,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from neva_tools.model.cpu_compat_train import (
+    patch_grad_norm,
+    patch_optimizer_cuda_tensors,
+    patch_optimizer_cuda_type_checks,
+    patch_schedule_cuda_tensors,
+    patch_tied_embedding_setup,
+)
+from neva_tools.model.cpu_patching import is_marked, mark, tensor_cuda_is_noop
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MEGATRON_CORE_VERSION = "0.16.1"
-_MARK = "_neva_cpu_compat"  # set on every replacement so each patch can tell it was already applied
 _APPLIED = False
 
 
@@ -47,6 +62,8 @@ def apply_cpu_compat() -> None:
     patch_optimizer_cuda_tensors()
     patch_optimizer_cuda_type_checks()
     patch_grad_norm()
+    patch_schedule_cuda_tensors()
+    patch_tied_embedding_setup()
     _APPLIED = True
     logger.debug("applied megatron-core CPU compatibility patches")
 
@@ -68,13 +85,7 @@ def check_megatron_version() -> bool:
     return True
 
 
-def _mark(fn: Callable[..., Any]) -> Callable[..., Any]:
-    setattr(fn, _MARK, True)
-    return fn
-
-
-def _is_marked(obj: object) -> bool:
-    return getattr(obj, _MARK, False)
+_mark, _is_marked, _tensor_cuda_is_noop = mark, is_marked, tensor_cuda_is_noop  # the names used below
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,21 +306,6 @@ def patch_causal_masks() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tensor_cuda_is_noop() -> Iterator[None]:
-    """Within the block, ``tensor.cuda()`` returns the tensor unchanged."""
-    defined_here = "cuda" in torch.Tensor.__dict__
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        if defined_here:
-            torch.Tensor.cuda = original
-        else:
-            del torch.Tensor.cuda
-
-
 def patch_clip_vit_model() -> None:
     """Let ``CLIPViTModel`` be built without Transformer Engine and without CUDA.
 
@@ -338,144 +334,3 @@ def patch_clip_vit_model() -> None:
             original_init(self, *args, **kwargs)
 
     cls.__init__ = _mark(__init__)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Optimizers (optimizer/optimizer.py, optimizer/distrib_optimizer.py, optimizer/clip_grads.py, optimizer/grad_scaler.py)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _is_cuda(device: Any) -> bool:
-    if isinstance(device, int):  # a CUDA device index, as torch.cuda.current_device() returns with a GPU
-        return True
-    return device is not None and torch.device(device).type == "cuda"
-
-
-def _cpu_factory(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    @functools.wraps(factory)
-    def make(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        return factory(*args, **kwargs)
-
-    return make
-
-
-class _CpuTensorsTorch(types.ModuleType):
-    """``torch`` as one megatron-core module sees it: the real module, except that the tensor factories
-    (``tensor``, ``zeros``, ``ones``, ``empty``, ``full``) asked for ``device="cuda"`` allocate on the CPU."""
-
-    tensor = staticmethod(_cpu_factory(torch.tensor))
-    zeros = staticmethod(_cpu_factory(torch.zeros))
-    ones = staticmethod(_cpu_factory(torch.ones))
-    empty = staticmethod(_cpu_factory(torch.empty))
-    full = staticmethod(_cpu_factory(torch.full))
-
-    def __init__(self) -> None:
-        super().__init__("torch", "torch with CPU tensor factories (neva_tools.model.cpu_compat)")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
-def patch_optimizer_cuda_tensors() -> None:
-    """Let megatron-core's optimizer modules allocate their small bookkeeping tensors on the CPU.
-
-    Fixes the ``device='cuda'`` tensors of ``MixedPrecisionOptimizer`` (``found_inf``, ``_scale_one``,
-    ``_dummy_overflow_buf``) and ``FP32Optimizer`` (``_scale``) in ``optimizer/optimizer.py``, of
-    ``get_grad_norm_fp32``, ``clip_grad_by_total_norm_fp32`` and ``count_zeros_fp32`` in ``optimizer/clip_grads.py``,
-    and of ``ConstantGradScaler``/``DynamicGradScaler`` in ``optimizer/grad_scaler.py`` (fp16 loss scaling).
-    Only those three modules see the changed ``torch`` (their global name ``torch`` is replaced); every other
-    attribute is torch's own.
-    """
-    if torch.cuda.is_available():
-        return
-    from megatron.core.optimizer import clip_grads, grad_scaler
-    from megatron.core.optimizer import optimizer as mcore_optimizer
-
-    for module in (mcore_optimizer, clip_grads, grad_scaler):
-        if not isinstance(module.torch, _CpuTensorsTorch):
-            module.torch = _CpuTensorsTorch()
-
-
-@contextlib.contextmanager
-def _cuda_tensor_type_names() -> Iterator[None]:
-    """Within the block, ``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.BFloat16Tensor``)."""
-    defined_here = "type" in torch.Tensor.__dict__
-    original = torch.Tensor.type
-
-    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
-        if dtype is None and not kwargs and self.device.type == "cpu":
-            return original(self).replace("torch.", "torch.cuda.", 1)
-        return original(self, dtype, non_blocking, **kwargs)
-
-    torch.Tensor.type = type_
-    try:
-        yield
-    finally:
-        if defined_here:
-            torch.Tensor.type = original
-        else:
-            del torch.Tensor.type
-
-
-def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with _cuda_tensor_type_names():
-            return fn(*args, **kwargs)
-
-    return _mark(wrapped)
-
-
-def patch_optimizer_cuda_type_checks() -> None:
-    """Let megatron-core's optimizers accept CPU parameters and gradients.
-
-    Fixes the ``param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']`` /
-    ``== 'torch.cuda.FloatTensor'`` checks in ``Float16OptimizerWithFloat16Params.__init__``
-    (``optimizer/optimizer.py``: "Wrapped parameters must be one of torch.cuda.FloatTensor, ...") and
-    ``DistributedOptimizer.__init__``
-    (``optimizer/distrib_optimizer.py``, also ``_build_model_and_main_param_groups``), and the
-    ``assert param.grad.type() == 'torch.cuda.FloatTensor'`` of ``clip_grad_by_total_norm_fp32``
-    (``optimizer/clip_grads.py``, imported by name into ``optimizer/optimizer.py``): while those run, ``.type()`` of a
-    CPU tensor reports the CUDA type name; ``torch.Tensor.type`` is restored afterwards.
-    """
-    if torch.cuda.is_available():
-        return
-    from megatron.core.optimizer import clip_grads, distrib_optimizer
-    from megatron.core.optimizer import optimizer as mcore_optimizer
-
-    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
-        if not _is_marked(cls.__init__):
-            cls.__init__ = _with_cuda_type_names(cls.__init__)
-    if not _is_marked(clip_grads.clip_grad_by_total_norm_fp32):
-        clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
-
-
-@_mark
-def _cpu_multi_tensor_l2_norm(
-    chunk_size: int, noop_flag: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args: Any
-) -> tuple[torch.Tensor, None]:
-    """Stand-in for ``amp_C.multi_tensor_l2norm``: the fp32 L2 norm of the tensors of ``tensor_lists[0]``, shape 1."""
-    tensors = tensor_lists[0]
-    if not tensors:
-        return torch.zeros(1), None
-    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors])
-    return torch.linalg.vector_norm(norms).reshape(1), None
-
-
-def patch_grad_norm() -> None:
-    """Compute the gradient L2 norm on the CPU.
-
-    Fixes ``get_grad_norm_fp32`` (``optimizer/clip_grads.py``, used by every optimizer's ``step()`` to clip and report
-    the norm): without Apex and TE it calls ``utils.local_multi_tensor_l2_norm``, which returns its result on
-    ``device="cuda"``. Replaced only when that local fallback is the one in use.
-    """
-    if torch.cuda.is_available():
-        return
-    from megatron.core import utils as mcore_utils
-    from megatron.core.optimizer import clip_grads
-
-    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
-        clip_grads.l2_norm_impl = _cpu_multi_tensor_l2_norm

@@ -5,9 +5,9 @@ num_query_groups, kv_channels, encoder_seq_length, max_position_embeddings, posi
 rotary_percentage, seq_len_interpolation_factor, scale_positional_embedding, rope_scaling_factor, rope_scaling,
 normalization, layernorm_epsilon, activation, bias, qkv_bias, share_embeddings_and_output_weights, hidden_dropout,
 attention_dropout, init_method_std, tensor_model_parallel_size, pipeline_model_parallel_size,
-apply_query_key_layer_scaling, persist_layer_norm, masked_softmax_fusion, bias_activation_fusion,
-bias_dropout_add_fusion, gradient_accumulation_fusion, apply_rope_fusion`` and the activation-checkpointing keys
-of :mod:`neva_tools.model.recompute`. Defaults are NeMo's.
+virtual_pipeline_model_parallel_size, apply_query_key_layer_scaling, persist_layer_norm, masked_softmax_fusion,
+bias_activation_fusion, bias_dropout_add_fusion, gradient_accumulation_fusion, apply_rope_fusion`` and the
+activation-checkpointing keys of :mod:`neva_tools.model.recompute`. Defaults are NeMo's.
 
 Kernel fusions: the model is built with megatron-core's local (non-Transformer-Engine) spec, on CPU and GPU alike,
 so a fusion the config asks for is kept only where that spec can run it (see :func:`fusion_flags`); the others are
@@ -21,6 +21,12 @@ LLaMA-3.1's and LLaMA-3.2's values). A config asking for other values is rejecte
 The scaling is switched on by NeMo's ``scale_positional_embedding: true`` (factor from ``rope_scaling_factor``,
 default 8) or by a Hugging Face style ``rope_scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
 original_max_position_embeddings}`` mapping.
+
+Pipeline stages: with ``pipeline_model_parallel_size`` > 1 :func:`build_gpt_model` builds this rank's stage (the
+embedding on the first, the final norm and output layer on the last, ``num_layers / PP`` layers numbered from the
+stage's offset, as megatron-core's ``TransformerBlock`` does); with ``virtual_pipeline_model_parallel_size`` V it
+builds one of the rank's V interleaved chunks (``vp_stage``), ``num_layers / (PP × V)`` layers each
+(:func:`build_gpt_chunks` builds them all).
 """
 
 from __future__ import annotations
@@ -227,6 +233,7 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
     groups = _positive_int(cfg, "num_query_groups", heads)
     tp = _positive_int(cfg, "tensor_model_parallel_size", 1)
     pp = _positive_int(cfg, "pipeline_model_parallel_size", 1)
+    vpp = virtual_pipeline_size(cfg)
     if heads % groups != 0:
         raise NevaError(f"num_attention_heads ({heads}) must be divisible by num_query_groups ({groups})")
     if heads % tp != 0:
@@ -235,6 +242,9 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
         raise NevaError(f"tensor_model_parallel_size ({tp}) must divide num_query_groups ({groups})")
     if num_layers % pp != 0:
         raise NevaError(f"pipeline_model_parallel_size ({pp}) must divide num_layers ({num_layers})")
+    if vpp is not None and num_layers % (pp * vpp) != 0:
+        raise NevaError(f"pipeline_model_parallel_size × virtual_pipeline_model_parallel_size ({pp} × {vpp}) must "
+                        f"divide num_layers ({num_layers})")  # fmt: skip
     kv_channels = cfg.get("kv_channels")
     if kv_channels is None and hidden_size % heads != 0:
         raise NevaError(
@@ -273,29 +283,58 @@ def transformer_config_from_nemo(cfg: Any, *, params_dtype: torch.dtype = torch.
             init_method_std=float(_get(cfg, "init_method_std", 0.02)),
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            pipeline_dtype=params_dtype,  # what the stages send each other
             apply_query_key_layer_scaling=qk_layer_scaling,
             use_cpu_initialization=not cuda,
             params_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16,
             fp16=params_dtype == torch.float16,
             **fusions,
-            **recompute_settings(cfg, num_layers // pp),
+            **recompute_settings(cfg, num_layers // (pp * (vpp or 1))),
         )
     except (AssertionError, ValueError) as err:
         raise NevaError(f"megatron-core rejected the model config: {err}") from err
+
+
+def virtual_pipeline_size(cfg: Mapping[str, Any]) -> int | None:
+    """``virtual_pipeline_model_parallel_size`` (None when absent, null or 1: no interleaving); it needs PP > 1."""
+    vpp = cfg.get("virtual_pipeline_model_parallel_size")
+    if vpp is None or vpp == 1:
+        return None
+    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
+        raise NevaError(f"model.virtual_pipeline_model_parallel_size must be a positive integer or null, found {vpp!r}")
+    if _get(cfg, "pipeline_model_parallel_size", 1) < 2:
+        pp = _get(cfg, "pipeline_model_parallel_size", 1)
+        raise NevaError(f"model.virtual_pipeline_model_parallel_size is {vpp} but pipeline_model_parallel_size is "
+                        f"{pp}: interleaving needs pipeline stages (PP ≥ 2)")  # fmt: skip
+    return vpp
+
+
+def stage_flags(vp_stage: int | None = None) -> tuple[bool, bool]:
+    """(pre_process, post_process) of this rank's pipeline stage, or of its interleaved chunk ``vp_stage``: whether
+    it holds the input embedding (the first stage, first chunk) and the output layer (the last stage, last chunk)."""
+    from megatron.core import parallel_state
+
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    return first, last
 
 
 def build_gpt_model(
     cfg: Any,
     *,
     padded_vocab_size: int,
-    pre_process: bool = True,
-    post_process: bool = True,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
     params_dtype: torch.dtype = torch.float32,
+    vp_stage: int | None = None,
 ) -> GPTModel:
     """A megatron-core ``GPTModel`` with the local layer spec, built with ``parallel_output=True``.
 
     Needs megatron's parallel state (``neva_tools.model.parallel.init_distributed``) with the config's TP/PP sizes.
+    ``pre_process``/``post_process`` default to this rank's pipeline stage (:func:`stage_flags`; both True without
+    pipeline parallelism); ``vp_stage`` is the interleaved chunk to build (``virtual_pipeline_model_parallel_size``).
     Forward returns vocab-parallel logits ``[b, s, V / TP]``; pass ``runtime_gather_output=True`` or use
     :func:`gather_logits` for the full vocabulary (labels work with the parallel logits).
     """
@@ -320,6 +359,15 @@ def build_gpt_model(
             parallel_state.get_pipeline_model_parallel_world_size(),
         ),
     }
+    if config.virtual_pipeline_model_parallel_size is not None:
+        initialized_sizes["virtual_pipeline_model_parallel_size"] = (
+            config.virtual_pipeline_model_parallel_size,
+            parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        )
+        if vp_stage is None or not 0 <= vp_stage < config.virtual_pipeline_model_parallel_size:
+            vpp = config.virtual_pipeline_model_parallel_size
+            raise NevaError(f"vp_stage is {vp_stage!r}: with virtual_pipeline_model_parallel_size {vpp} build "
+                            "each chunk (build_gpt_chunks)")  # fmt: skip
     for name, (want, have) in initialized_sizes.items():
         if want != have:
             raise NevaError(
@@ -328,17 +376,27 @@ def build_gpt_model(
             )
     kwargs = gpt_model_kwargs(cfg)
     spec = gpt_block_spec(config)
+    first, last = stage_flags(vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=first if pre_process is None else pre_process,
+        post_process=last if post_process is None else post_process,
         parallel_output=True,
+        vp_stage=vp_stage,
         **kwargs,
     )
     logger.debug("built GPTModel: %d parameters on this rank", sum(p.numel() for p in model.parameters()))
     return model
+
+
+def build_gpt_chunks(cfg: Any, *, padded_vocab_size: int, params_dtype: torch.dtype = torch.float32) -> list[GPTModel]:
+    """This rank's model chunks: one ``GPTModel`` (its pipeline stage), or one per interleaved virtual stage."""
+    vpp = virtual_pipeline_size(_as_dict(cfg))
+    stages = [None] if vpp is None else list(range(vpp))
+    return [build_gpt_model(cfg, padded_vocab_size=padded_vocab_size, params_dtype=params_dtype, vp_stage=stage)
+            for stage in stages]  # fmt: skip
 
 
 def gather_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,12 @@ img_seq_len`` positions. megatron-core has no spatial layouts: with ``spatial`` 
 ``forward(..., image_sizes=[n, 2])`` (height, width; needed for tiled images). ``image_newline`` is a parameter of
 ``vision_projection`` (trained, frozen and saved with the projector).
 
+Video (:mod:`neva_tools.data.video`): a clip is one entry of ``num_image_tiles`` whose tiles are its sampled frames,
+marked by a third column 1 in ``image_sizes`` (``[n, 3]``: height, width, is a video). Every frame goes through the
+vision encoder and the projector; :func:`pack_video_features` pools each frame's features 2×2 (bilinear) and lays the
+frames out one after the other, with one ``image_newline`` at the end under ``spatial_unpad``: transformers'
+``LlavaOnevisionModel.get_video_features``. The count is :func:`neva_tools.data.video.clip_tokens`, the data side's.
+
 Where this differs: from megatron-core, an image's embeddings need not be a multiple of ``img_seq_len`` (its tile
 tags and pixel shuffle are not used); from LLaVA-NeXT, ``image_newline`` belongs to the projector (LLaVA-NeXT keeps
 it on the model and trains it with ``mm_language_model``; its stage-2 start is fresh either way, and it gets no
@@ -40,6 +46,7 @@ import torch
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 
 from neva_tools.data.anyres import ImageLayout
+from neva_tools.data.video import clip_tokens, frame_grid, pool_frames
 from neva_tools.errors import NevaError
 
 
@@ -80,6 +87,19 @@ def pack_image_features(features: torch.Tensor, layout: ImageLayout, tiles: Sequ
     return out
 
 
+def pack_video_features(frames: torch.Tensor, layout: ImageLayout | None, newline: torch.Tensor | None) -> torch.Tensor:
+    """A clip's embeddings ``[tokens, h]`` from its frames' features ``[frames, side², h]``: each frame pooled 2×2
+    (bilinear, :func:`neva_tools.data.video.pool_frames`), the frames one after the other, then ``image_newline``
+    when the layout has one (``spatial_unpad``): transformers' ``LlavaOnevisionModel.get_video_features``."""
+    side, with_newline = frame_grid(layout, frames.shape[1])
+    pooled = pool_frames(frames, side).reshape(-1, frames.shape[-1])
+    if not with_newline:
+        return pooled
+    if newline is None:
+        raise NevaError("mm_patch_merge_type spatial_unpad needs the projector's image_newline")
+    return torch.cat((pooled, newline[None].to(pooled.dtype)))
+
+
 class NevaLLaVAModel(LLaVAModel):
     """megatron-core ``LLaVAModel`` whose training-time embedding merge is one ``index_select`` and which lays out
     AnyRes tiles as ``image_layout`` says (None: one tile per image unless ``num_image_tiles`` says otherwise)."""
@@ -102,8 +122,11 @@ class NevaLLaVAModel(LLaVAModel):
         """``(embeddings [s, b, h], labels [b, s], loss_mask [b, s])`` as megatron-core's method returns them, with
         each image's embeddings laid out by ``image_layout``."""
         layout = self.image_layout
-        if (layout is None or layout.merge == "flat" or use_inference_kv_cache or num_image_tiles is None
-                or num_image_tiles.numel() == 0):  # fmt: skip
+        videos = (
+            self._image_sizes is not None and self._image_sizes.shape[-1] == 3 and bool(self._image_sizes[:, 2].any())
+        )
+        if ((not videos and (layout is None or layout.merge == "flat")) or use_inference_kv_cache
+                or num_image_tiles is None or num_image_tiles.numel() == 0):  # fmt: skip
             return self._merge(image_embeddings, language_embeddings, input_ids, loss_mask, labels,
                                use_inference_kv_cache, inference_context, image_token_index, num_image_tiles,
                                *args, **kwargs)  # fmt: skip
@@ -117,23 +140,36 @@ class NevaLLaVAModel(LLaVAModel):
 
     def _pack_images(self, image_embeddings: torch.Tensor | None,
                      num_image_tiles: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
-        """(each image's embeddings in one ``[1, total, h]``, embeddings per image ``[n]``) for megatron-core."""
+        """(each image's embeddings in one ``[1, total, h]``, embeddings per image ``[n]``) for megatron-core; a
+        video's frames (its tiles) are pooled 2×2 and laid out one after the other (:func:`pack_video_features`)."""
         layout = self.image_layout
-        assert layout is not None
         tiles = [int(t) for t in num_image_tiles.tolist()]
+        videos = [False] * len(tiles)
         if self._image_sizes is None:
-            if any(t > 1 for t in tiles):
+            if any(t > 1 for t in tiles) and layout is not None:
                 raise NevaError("tiled images need their sizes: pass image_sizes=[n, 2] (height, width) to forward")
             sizes = [(0, 0)] * len(tiles)
         else:
-            sizes = [(int(h), int(w)) for h, w in self._image_sizes.tolist()]
+            rows = self._image_sizes.tolist()
+            sizes = [(int(row[0]), int(row[1])) for row in rows]
+            videos = [len(row) == 3 and bool(row[2]) for row in rows]
             if len(sizes) != len(tiles):
                 raise NevaError(f"{len(sizes)} image sizes for {len(tiles)} images")
-        counts = [layout.tokens(h, w, tiled=t > 1) for t, (h, w) in zip(tiles, sizes, strict=True)]
+        counts = [clip_tokens(t, layout, self.img_seq_len) if video
+                  else t * self.img_seq_len if layout is None else layout.tokens(h, w, tiled=t > 1)
+                  for t, (h, w), video in zip(tiles, sizes, videos, strict=True)]  # fmt: skip
         packed = None
         if image_embeddings is not None:
             newline = getattr(self.vision_projection, "image_newline", None)
-            parts = pack_image_features(image_embeddings.transpose(0, 1), layout, tiles, sizes, newline)
+            features, parts, start = image_embeddings.transpose(0, 1), [], 0
+            for t, size, video in zip(tiles, sizes, videos, strict=True):
+                entry, start = features[start : start + t], start + t
+                if video:
+                    parts.append(pack_video_features(entry, layout, newline))
+                elif layout is None:
+                    parts.append(entry.reshape(-1, entry.shape[-1]))
+                else:
+                    parts += pack_image_features(entry, layout, [t], [size], newline)
             if [len(p) for p in parts] != counts:
                 raise NevaError(f"images laid out as {[len(p) for p in parts]} embeddings, counted {counts}")
             packed = torch.cat(parts)[None]

@@ -6,6 +6,12 @@ sizes, the image token count from image and patch size (no class token in either
 ``image_layout`` (:mod:`neva_tools.data.anyres`) the model lays out AnyRes tiles (:mod:`neva_tools.model.merge`);
 ``mm_patch_merge_type: spatial_unpad`` adds the learned ``vision_projection.image_newline`` row.
 Only local (non-Transformer-Engine) specs are used so the same model runs on CPU (tests, demo) and GPU.
+
+Pipeline parallelism (the LLM config's ``pipeline_model_parallel_size``, optionally
+``virtual_pipeline_model_parallel_size``): each rank builds its stage as megatron-core's ``LLaVAModel`` places it:
+the vision encoder and the projector (``add_encoder``) with the LLM's embedding (``pre_process``) on the first stage
+(its first chunk), the output layer (``post_process``) on the last, the LLM's layers split by megatron-core's layer
+offsets; every stage gets the batch (the last one computes the image-expanded labels and loss mask from it).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def projector_config(language: Any, projector_type: str) -> Any:
     return dataclasses.replace(
         language,
         num_layers=1,
+        pipeline_model_parallel_size=1,  # the projector lives on one stage (the first)
+        virtual_pipeline_model_parallel_size=None,
         ffn_hidden_size=language.hidden_size,
         gated_linear_unit=False,
         add_bias_linear=True,
@@ -58,14 +66,18 @@ def projector_config(language: Any, projector_type: str) -> Any:
     )
 
 
-def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any:
-    """A megatron-core ``LLaVAModel`` for the running TP group, built from ``parts`` (weights random).
+def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True, vp_stage: int | None = None) -> Any:
+    """A megatron-core ``LLaVAModel`` for the running TP group (and pipeline stage, or its interleaved chunk
+    ``vp_stage``), built from ``parts`` (weights random).
 
     ``supervised_logits``: in training, logits and cross-entropy only at labelled positions
     (:mod:`neva_tools.model.supervised_logits`; off only to measure what it saves).
     """
+    from megatron.core import parallel_state
+    from megatron.core.enums import ModelType
     from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec
 
+    from neva_tools.model.gpt import stage_flags
     from neva_tools.model.merge import NevaLLaVAModel
     from neva_tools.model.specs import gpt_block_spec
     from neva_tools.model.supervised_logits import supervised_logits_only
@@ -85,6 +97,11 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
         if value % tp:
             raise NevaError(f"tensor_model_parallel_size ({tp}) must divide the {name} ({value})")
     projection = projector_config(language, parts.projector_type)
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if language.pipeline_model_parallel_size != pp:
+        raise NevaError(f"the LLM config's pipeline_model_parallel_size ({language.pipeline_model_parallel_size}) "
+                        f"differs from the running pipeline size ({pp})")  # fmt: skip
+    first, last = stage_flags(vp_stage)
     model = NevaLLaVAModel(
         language_transformer_config=language,
         language_transformer_layer_spec=gpt_block_spec(language),
@@ -106,10 +123,16 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
         img_h=covered,
         img_w=covered,
         patch_dim=parts.patch_size,
+        pre_process=first,
+        post_process=last,
+        add_encoder=first,  # the vision encoder and projector on the first stage
+        add_decoder=True,
+        vp_stage=vp_stage,
     )
-    if supervised_logits:
+    model.model_type = ModelType.encoder_or_decoder  # what megatron-core's schedules read (as its get_model sets)
+    if supervised_logits and last:
         supervised_logits_only(model.language_model)  # image and prompt positions get no logits in training
-    if siglip:
+    if siglip and first:
         drop_post_norm(model.vision_model)  # features are layer outputs without a final norm, as for CLIP
     if kwargs.get("seq_len_interpolation_factor"):
         model.language_model.rotary_pos_emb.seq_len_interpolation_factor = kwargs["seq_len_interpolation_factor"]
@@ -121,7 +144,7 @@ def build_neva_model(parts: NevaParts, *, supervised_logits: bool = True) -> Any
             raise NevaError(f"the image layout's {layout.image_size}px / {layout.patch_size}px tiles differ from the "
                             f"vision encoder's {parts.image_size}px / {parts.patch_size}px")  # fmt: skip
         model.image_layout = layout
-        if layout.merge == "spatial_unpad":
+        if layout.merge == "spatial_unpad" and first:
             add_image_newline(model.vision_projection, language.hidden_size)
     return model
 

@@ -22,7 +22,7 @@ from neva_tools.checkpoint.nemo_archive import NemoArchive
 from neva_tools.checkpoint.nemo_tensors import load_arch
 from neva_tools.errors import NevaError
 from neva_tools.mappings.projector import table as projector_table
-from neva_tools.model.from_nemo import load_state_into, rank_state_dict
+from neva_tools.model.from_nemo import load_state_into, rank_state_dict, stage_state
 from neva_tools.model.save_nemo import canonical_state, save_sharded_nemo
 from neva_tools.tokenizer.vocab import DEFAULT_DIVISIBLE_BY, padded_vocab_size
 
@@ -36,7 +36,8 @@ def load_llm(model: Any, nemo_path: str | Path, tp: int, rank: int, padded: int 
         cfg, arch = load_arch(archive)
         tp_rules.check_divisible(tp, num_attention_heads=arch.num_heads, num_query_groups=arch.num_groups)
         padded = padded or padded_vocab_size(arch.vocab_size, tp, int(cfg.get("make_vocab_size_divisible_by") or 128))
-        load_state_into(model.language_model, rank_state_dict(archive, arch, tp, rank, padded), str(nemo_path))
+        state = stage_state(rank_state_dict(archive, arch, tp, rank, padded), model.language_model)  # PP: its layers
+        load_state_into(model.language_model, state, str(nemo_path))
     return cfg
 
 
@@ -55,7 +56,8 @@ def llm_padded_vocab(cfg: dict[str, Any], vocab: int, tp: int) -> int:
 def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: Any,
                vision_full: dict[str, torch.Tensor], *, select_layer: int, projector_type: str,
                projector_from: str | Path | None = None, recompute: dict[str, Any] | None = None,
-               vocab_size: int | None = None, image_layout: Any = None) -> Any:  # fmt: skip
+               vocab_size: int | None = None, image_layout: Any = None,
+               vp_stage: int | None = None) -> Any:  # fmt: skip
     """This TP rank's ``LLaVAModel`` with the LLM of ``llm_path``, the vision encoder (full megatron-core tensors,
     split here) and, when ``projector_from`` is given, the projector stored there (else a fresh one).
     ``image_layout`` (``neva_tools.data.anyres.ImageLayout``): AnyRes tiles and ``mm_patch_merge_type``.
@@ -78,11 +80,16 @@ def build_neva(llm_path: str | Path, llm_cfg: dict[str, Any], vocab: int, arch: 
     vision_cfg = apply_recompute(vision_transformer_config(arch, tp, select_layer=select_layer), recompute)
     total = max(vocab, vocab_size or vocab)
     padded = llm_padded_vocab(llm_cfg, total, tp)
-    parts = NevaParts({**llm_cfg, **recompute, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1},
+    ps = parallel_state
+    stages = {"pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+              "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size()}  # fmt: skip
+    parts = NevaParts({**llm_cfg, **recompute, "tensor_model_parallel_size": tp, **stages},
                       padded, vision_cfg, arch.image_size, arch.patch_size, projector_type, image_layout)  # fmt: skip
-    model = build_neva_model(parts)
+    model = build_neva_model(parts, vp_stage=vp_stage)  # PP: this rank's stage (vision encoder on the first)
     load_llm(model, llm_path, tp, rank, padded)
     init_added_rows(model.language_model, vocab, total)
+    if model.vision_model is None:
+        return model
     load_mcore_state(model.vision_model, vision_full, vision_splits(arch, select_layer))
     if projector_from:
         load_projector(model, projector_from, projector_type, tp, rank)
@@ -159,14 +166,16 @@ def save_neva_nemo(model: Any, output: str | Path, config: dict[str, Any], *, in
     if include_vision and not isinstance(vision.get("arch"), dict):
         raise NevaError("storing the vision tower needs its architecture in the config (vision.arch)")
     config = {**config, "vision": {**vision, "stored": include_vision}}
-    projector = _gather_projector(model, projector_type)  # collective over the TP group
+    chunks = list(model) if isinstance(model, torch.nn.ModuleList) else [model]  # PP interleaved: its chunks
+    first = next((c for c in chunks if c.vision_projection is not None), None)  # PP: the first stage only
+    projector = _gather_projector(first, projector_type) if first is not None else {}  # collective over TP
 
     def rank_state() -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = dict(projector)
-        if include_llm:
-            state.update(canonical_state(model.language_model))
-        if include_vision:
-            state.update(canonical_state(model.vision_model, prefix=nemo_vision.PREFIX))
+        for chunk in chunks if include_llm else []:
+            state.update(canonical_state(chunk.language_model))  # global layer numbers
+        if include_vision and first is not None:
+            state.update(canonical_state(first.vision_model, prefix=nemo_vision.PREFIX))
         return state
 
     return save_sharded_nemo(output, rank_state, config, tokenizer=tokenizer)

@@ -99,11 +99,13 @@ def init_process_group(backend: str | None = None) -> LaunchEnv:
     return env
 
 
-def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, seed: int = 1234) -> None:
+def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, seed: int = 1234,
+                     vpp: int | None = None) -> None:  # fmt: skip
     """Initialize torch.distributed and megatron-core's parallel state, and seed the RNGs.
 
     ``backend`` defaults to nccl with CUDA and gloo without; on CPU the megatron-core CPU patches are applied.
     Calling it again reuses the process group and rebuilds megatron's parallel state with the new ``tp``/``pp``.
+    ``vpp``: virtual pipeline stages (interleaved model chunks) per pipeline rank, None for none.
     """
     from megatron.core import parallel_state
 
@@ -127,7 +129,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, seed:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vpp)  # fmt: skip
     model_parallel_seed(seed)
     logger.info(
         "distributed: %s launch, rank %d of %d, backend %s, TP=%d PP=%d DP=%d",

@@ -1,4 +1,4 @@
-"""Training checkpoints in megatron-core's distributed format: resumable at another TP or DP size.
+"""Training checkpoints in megatron-core's distributed format: resumable at another TP, PP or DP size.
 
 A checkpoint is a directory: the model's ``sharded_state_dict`` (``model.<key>``, the unwrapped megatron-core model,
 so the keys do not depend on the training wrappers), megatron-core's optimizer ``sharded_state_dict`` (Adam moments
@@ -8,6 +8,9 @@ optimizer gathers its shards into the same shapes, master weights as ``optimizer
 :data:`DISTRIBUTED_OPTIMIZER_SHARDING`), plus a common part with everything else: Lightning's loop progress and
 callbacks, the module's schedulers, the optimizer's param groups, step and loss scaler. Loading builds the same
 structure from the *current* model and optimizer, so megatron-core reshards on load when the TP or DP size differs.
+Pipeline stages save their layers under global layer numbers (megatron-core's layer offsets; interleaved chunks
+through :class:`~neva_tools.train.pipeline.PipelineChunks`), so a checkpoint also resumes at another pipeline size,
+interleaved or not (``tests/train/test_pipeline.py``: saved at PP 2 × 2 virtual stages, resumed at TP 2).
 A checkpoint resumes with the optimizer (``model.optim.name``) and precision it was written with.
 
 A checkpoint is complete once megatron-core wrote its ``metadata.json`` (last); :func:`problems` checks a complete
@@ -224,7 +227,8 @@ def _describe(engine: dict[str, Any] | None) -> str:
 
 def load(directory: str | Path, model: torch.nn.Module, optimizer: Any,
          engine: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Load a checkpoint into ``model`` (and ``optimizer``) at the current TP and DP sizes; return the common part.
+    """Load a checkpoint into ``model`` (and ``optimizer``) at the current TP, PP and DP sizes; return the common
+    part.
 
     ``engine`` (``{"optimizer": name, "precision": ...}``, saved in the common part as ``neva_engine``) must match
     the checkpoint's when the optimizer is loaded: each optimizer and precision stores a different state.

@@ -48,11 +48,13 @@ def data_settings(cfg: DictConfig, image_size: int, patch_size: int, tokenizer: 
     as ``neva data validate`` does by default; else only AnyRes reads image headers)."""
     from neva_tools.data.anyres import ImageLayout
     from neva_tools.data.templates import image_wrap
+    from neva_tools.data.video import VideoSampling
     from neva_tools.train.run import _datasets
 
     m = cfg.model
     layout = ImageLayout.from_config(m.data, m.mm_cfg, image_size, patch_size)
     wrap = image_wrap(m.mm_cfg) or False
+    videos = str(m.data.video_folder) if m.data.get("video_folder") else None
     jobs: dict[tuple[Path, Path | None, str], Settings] = {}
     for use in _datasets(cfg):
         spec = use.spec
@@ -61,7 +63,7 @@ def data_settings(cfg: DictConfig, image_size: int, patch_size: int, tokenizer: 
         jobs[key] = Settings(image_folder=str(spec.data_path) if spec.data_path is not None else None,
                              tokenizer=str(tokenizer), template=template, max_seq_length=int(m.data.max_seq_length),
                              image_tokens=layout.tokens(tiled=False), decode_images=decode_images, layout=layout,
-                             im_start_end=wrap,
+                             im_start_end=wrap, video=VideoSampling.from_config(m.data), video_folder=videos,
                              allow_outside=bool(m.data.get("allow_outside_image_folder", False)))  # fmt: skip
     return [(path, settings) for (path, _, _), settings in jobs.items()]
 
@@ -75,9 +77,9 @@ def check_data(cfg: DictConfig, image_size: int, patch_size: int, tokenizer: str
     return report
 
 
-#: Problems ``neva data validate`` reports that training goes on with: an empty message trains as one; video is
-#: not read. Every other kind would stop training at its record (or, ``too_long``, would have to be cut).
-TRAINABLE = ("empty_turn", "video_missing")
+#: Problems ``neva data validate`` reports that training goes on with: an empty message trains as one. Every other
+#: kind would stop training at its record (or, ``too_long``, would have to be cut).
+TRAINABLE = ("empty_turn",)
 COMMAND = "neva data validate --config CONFIG"
 
 
@@ -95,7 +97,7 @@ def data_failure(report: Report, command: str = COMMAND) -> str:
 
 
 def trainable_note(report: Report, command: str = COMMAND) -> str:
-    """The note on problems training goes on with (empty turns, missing videos)."""
+    """The note on problems training goes on with (empty turns)."""
     kinds = ", ".join(f"{n} {kind}" for kind, n in report.by_kind().items())
     return f"the training data has {kinds} (of {report.records} records); training goes on with them (`{command}`)"
 

@@ -31,6 +31,7 @@ class TrainerSettings:
     max_steps: int
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None  # interleaved pipeline: model chunks per stage
     micro_batch_size: int = 1
     global_batch_size: int = 1
     precision: str = "32"
@@ -142,7 +143,7 @@ class LossCurve(pl.Callback):
         # the module's own micro-batch loss (unscaled by the accumulation count)
         loss = getattr(module, "last_loss", None)
         if loss is None:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # {}: a kept micro-batch
         if trainer.is_global_zero and loss is not None:  # with accumulation: several per step, averaged when read
             self._pending.append((self._step, loss.detach()))
             if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and trainer.global_step > self._read_at:
@@ -260,8 +261,10 @@ def make_trainer(
                             accumulate=accumulation(settings, world), tf32=settings.tf32,
                             initial_loss_scale=settings.initial_loss_scale,
                             loss_scale_window=settings.loss_scale_window, hysteresis=settings.hysteresis)  # fmt: skip
+    vpp = settings.virtual_pipeline_model_parallel_size
     strategy = MegatronStrategy(settings.tensor_model_parallel_size, settings.pipeline_model_parallel_size,
-                                seed=settings.seed, engine=engine)  # fmt: skip
+                                seed=settings.seed, engine=engine,
+                                virtual_pipeline_model_parallel_size=vpp)  # fmt: skip
     dp = world // (settings.tensor_model_parallel_size * settings.pipeline_model_parallel_size)
     curve = LossCurve(log_dir, title=run.title if run else "training loss", vocab_size=run.vocab_size if run else None)
     ours = [curve, RunSummary(settings, run, log_dir), TrainProgress(curve, dp=dp, bar=settings.progress)]

@@ -17,6 +17,9 @@ size`` (every process data-parallel, as DeepSpeed), the world size from ``--npro
 launcher's ``WORLD_SIZE``, else 1. ``--deepspeed`` (zero2/zero3 json, not read) selects the distributed optimizer:
 optimizer state and fp32 master weights sharded over data-parallel ranks (ZeRO-1/2; weights are not sharded as in
 ZeRO-3: use ``model.tensor_model_parallel_size`` for models too big for one device).
+Video: LLaVA-NeXT's ``--video_folder`` / ``--frames_upbound`` and Qwen-VL's ``--base_interval``,
+``--video_min_frames`` / ``--video_max_frames`` and ``--video_max_frame_pixels`` / ``--video_min_frame_pixels`` map to
+the ``model.data`` keys of the same names (``neva_tools.data.video``).
 ``--group_by_modality_length True`` gives batches of one modality grouped by length (``train.sampler``).
 ``--mm_use_im_start_end True`` wraps images in LLaVA-1's ``<im_start>``/``<im_end>``
 (``model.mm_cfg.im_start_end_tokens``), which the tokenizer must hold: ``--tokenizer FILE`` (this tool's flag,
@@ -49,11 +52,6 @@ INERT = {
     "remove_unused_columns": "no HF datasets columns",
     "max_pixels": "images are resized to the vision encoder's input size",
     "min_pixels": "images are resized to the vision encoder's input size",
-    "video_max_frames": "no video",
-    "video_min_frames": "no video",
-    "video_max_frame_pixels": "no video",
-    "video_min_frame_pixels": "no video",
-    "base_interval": "no video",
     "freeze_mm_vision_resampler": "no vision resampler",
     "mm_vision_tower_lr_scale": "see --mm_vision_tower_lr",
 }
@@ -259,6 +257,7 @@ def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
     o["model.data.data_path"] = path if path is not None else names
     if flags.has("image_folder"):
         o["model.data.image_folder"] = flags.take("image_folder")
+    _video(flags, o)
     _anyres(flags, o)
     if flags.has("model_max_length"):
         o["model.data.max_seq_length"] = flags.num("model_max_length", kind=int)
@@ -284,6 +283,18 @@ def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
                          "which the tokenizer must hold (LLaVA adds them itself); add them once with `neva tokenizer "
                          f"add-tokens --input TOKENIZER --output tok_llava.model --tokens {quoted}` and pass "
                          "--tokenizer tok_llava.model")  # fmt: skip
+
+
+#: Video flags (LLaVA-NeXT's, Qwen-VL's) → ``model.data`` keys of the same name (``neva_tools.data.video``).
+VIDEO_FLAGS = {"video_folder": str, "frames_upbound": int, "base_interval": float, "video_min_frames": int,
+               "video_max_frames": int, "video_max_frame_pixels": int, "video_min_frame_pixels": int}  # fmt: skip
+
+
+def _video(flags: _Flags, o: dict[str, Any]) -> None:
+    """LLaVA-NeXT's ``--video_folder`` / ``--frames_upbound`` and Qwen-VL's frame sampling flags."""
+    for name, kind in VIDEO_FLAGS.items():
+        if flags.has(name):
+            o[f"model.data.{name}"] = flags.take(name) if kind is str else flags.num(name, kind=kind)
 
 
 def _anyres(flags: _Flags, o: dict[str, Any]) -> None:

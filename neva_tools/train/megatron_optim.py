@@ -197,7 +197,7 @@ def build_optimizer(
             f"was wrapped with use_distributed_optimizer={wrapped}; pass use_distributed_optimizer={distributed} to "
             "wrap_model"
         )
-    if not any(p.requires_grad for chunk in chunks for p in chunk.parameters()):
+    if not _trainable_anywhere(chunks):
         raise NevaError("the model has no trainable parameters: check the freeze settings")
     precision = _precision_of(chunks)
     config = OptimizerConfig(
@@ -220,6 +220,21 @@ def build_optimizer(
         hysteresis=hysteresis,
     )
     return get_megatron_optimizer(config, list(chunks), config_overrides=param_group_overrides(settings, min_lr=min_lr))
+
+
+def _trainable_anywhere(chunks: list[DistributedDataParallel]) -> bool:
+    """Whether any pipeline stage has trainable parameters (a frozen LLM's later stages have none; they still take
+    part in the optimizer's collectives)."""
+    from megatron.core import parallel_state
+
+    local = any(p.requires_grad for chunk in chunks for p in chunk.parameters())
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return local
+    device = next(chunks[0].parameters()).device
+    flag = torch.tensor([float(local)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    return bool(flag.item())
 
 
 def torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:

@@ -11,6 +11,17 @@ optimization: every ``training_step`` is one micro-batch; gradients accumulate (
 the last micro-batch of the optimizer step, which syncs them and steps the optimizer and the schedulers, and counts
 one optimizer step in ``trainer.global_step``.
 
+Pipeline parallelism (``pipeline_model_parallel_size`` > 1, optionally interleaved): the model is this rank's stage
+(or its list of virtual-stage chunks, each wrapped in megatron-core's DDP; ``model`` is then a
+:class:`~neva_tools.train.pipeline.PipelineChunks`), and one optimizer step is one call of megatron-core's schedule
+(:func:`neva_tools.train.pipeline.train_step`) over the step's micro-batches. Lightning still hands the module one
+micro-batch per ``training_step`` (so the data loaders, samplers, resume positions and callbacks are the same as
+without pipelining): the module keeps the micro-batches of the current step and runs the schedule on the last one;
+the steps before it return no loss. ``forward_fn`` (:data:`~neva_tools.train.pipeline.StageForward`) is the stage's
+forward: :func:`llava_forward` for NeVA, ``neva_tools.train.text.gpt_forward`` for a text GPT. Without pipelining the
+module keeps its one-micro-batch-per-step path (identical numbers to before; the pipelined path is tested against
+it).
+
 The loss is the token-mean cross-entropy over supervised positions of the micro-batch. Per optimizer step it logs
 ``train_loss`` (the mean over the step's micro-batches), ``grad_norm`` (before clipping), ``lr_<part>``,
 ``tokens_per_s``, ``samples_per_s``, ``supervised_tokens`` (and ``loss_scale`` for fp16) every ``log_every_n_steps``
@@ -31,6 +42,7 @@ import torch
 from neva_tools.data.packing import packed_attention_mask
 from neva_tools.data.templates import IGNORE_INDEX
 from neva_tools.train.optim import OptimSettings
+from neva_tools.train.pipeline import StageForward, masked_mean
 
 
 @dataclass(frozen=True)
@@ -53,14 +65,9 @@ def unwrap(model: Any) -> Any:
     return model
 
 
-def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss over supervised tokens, number of supervised tokens) for a collated batch.
-
-    Packed rows (``cu_seqlens`` from ``PackedNevaDataset``) get a block-diagonal causal mask in the
-    image-expanded space, so samples never attend to each other. A batch without images (text-only records)
-    still touches the trainable vision parameters with a zero-weighted term, so data-parallel gradient sync
-    sees the same parameters used on every rank.
-    """
+def _llava_outputs(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's output for a collated batch (the per-token loss, or on a pipeline stage before the last one its
+    hidden states) and the image-expanded loss mask (None before the last stage)."""
     inner = unwrap(model)
     labels = batch["labels"]
     loss_mask = batch.get("loss_mask", (labels != -100).float())
@@ -74,8 +81,10 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
         attention_mask = packed_attention_mask(batch["input_ids"], cu_seqlens, widths,
                                                inner.image_token_index)  # fmt: skip
         # LLaVAModel cuts the combined rows (padding included) at the LLM's maximum length; cut the mask alike
-        limit = inner.language_model.max_sequence_length
+        limit = inner._language_max_sequence_length
         attention_mask = attention_mask[..., :limit, :limit]
+        if inner._language_is_pipeline_parallel:  # and pads them to it: the stages exchange fixed-size activations
+            attention_mask = pad_attention_mask(attention_mask, limit)
     out, new_mask = model(
         batch["images"],
         batch["input_ids"],
@@ -86,13 +95,54 @@ def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
         num_image_tiles=tiles,
         **({"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}),
     )
-    tokens = new_mask.sum()
-    loss = (out.float() * new_mask).sum() / tokens.clamp(min=1)
-    if len(batch["images"]) == 0 and torch.is_grad_enabled():
-        unused = [p for part in (inner.vision_projection, inner.vision_model) if part is not None
-                  for p in part.parameters() if p.requires_grad]  # fmt: skip
-        loss = loss + sum((0.0 * p.sum() for p in unused), torch.zeros((), device=loss.device))
-    return loss, tokens
+    return out, new_mask
+
+
+def pad_attention_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """A ``[b, 1, S, S]`` mask (True = masked) grown to ``length``: the added positions (padding) attend causally to
+    each other only, so no query row is fully masked."""
+    size = mask.shape[-1]
+    if size >= length:
+        return mask
+    out = torch.ones(*mask.shape[:-2], length, length, dtype=mask.dtype, device=mask.device)
+    out[..., :size, :size] = mask
+    pad = torch.ones(length - size, length - size, dtype=torch.bool, device=mask.device).tril()
+    out[..., size:, size:] = ~pad
+    return out
+
+
+def _unused_vision_term(model: Any, batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor | None:
+    """For a batch without images (text-only records) in training: a zero-weighted sum of the trainable vision and
+    projector parameters, so that data-parallel gradient sync sees the same parameters used on every rank."""
+    inner = unwrap(model)
+    if len(batch["images"]) or not torch.is_grad_enabled():
+        return None
+    unused = [p for part in (inner.vision_projection, inner.vision_model) if part is not None
+              for p in part.parameters() if p.requires_grad]  # fmt: skip
+    return sum((0.0 * p.sum() for p in unused), torch.zeros((), device=like.device)) if unused else None
+
+
+def llava_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over supervised tokens, number of supervised tokens) for a collated batch.
+
+    Packed rows (``cu_seqlens`` from ``PackedNevaDataset``) get a block-diagonal causal mask in the
+    image-expanded space, so samples never attend to each other. A batch without images (text-only records)
+    still touches the trainable vision parameters with a zero-weighted term, so data-parallel gradient sync
+    sees the same parameters used on every rank.
+    """
+    out, new_mask = _llava_outputs(model, batch)
+    loss, tokens = masked_mean(out, new_mask)
+    unused = _unused_vision_term(model, batch, loss)
+    return (loss if unused is None else loss + unused), tokens
+
+
+def llava_forward(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A NeVA pipeline stage's forward (:data:`~neva_tools.train.pipeline.StageForward`): the stage's output and,
+    on the last stage, the image-expanded loss mask; the first stage adds the zero-weighted term of
+    :func:`llava_loss` for batches without images."""
+    out, new_mask = _llava_outputs(model, batch)
+    unused = _unused_vision_term(model, batch, out) if unwrap(model).add_encoder else None
+    return (out if unused is None else out + unused), new_mask
 
 
 LossFn = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -110,15 +160,19 @@ class NevaModule(pl.LightningModule):
 
     def __init__(
         self,
-        build_model: Callable[[], torch.nn.Module],
+        build_model: Callable[[], torch.nn.Module | list[torch.nn.Module]],
         optim: OptimSettings,
         sched: ScheduleSettings,
         loss_fn: LossFn = llava_loss,
         loader: Callable[[], Any] | None = None,
+        forward_fn: StageForward = llava_forward,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False  # megatron-core's optimizer is stepped in training_step
         self.build_model, self.optim, self.sched, self.loss_fn = build_model, optim, sched, loss_fn
+        self.forward_fn = forward_fn  # a pipeline stage's forward (pipeline parallelism)
+        self.pipelined = False  # set by configure_model: more than one pipeline stage
+        self._batches: list[dict[str, Any]] = []  # the current optimizer step's micro-batches (pipelined)
         self.loader = loader  # built lazily: the data-parallel rank is known only once training starts
         self.model: torch.nn.Module | None = None
         self.chunks: list[Any] = []  # a plain list: the chunks hold ``model``, registered once above
@@ -141,13 +195,19 @@ class NevaModule(pl.LightningModule):
 
         if self.model is not None:
             return
+        from neva_tools.train.pipeline import PipelineChunks, is_pipelined
+
         engine = getattr(self.trainer.strategy, "engine", None) or EngineSettings()
         self.accumulate = engine.accumulate
-        self.model = self.build_model()
-        self.chunks = mo.wrap_model(self.model, precision=engine.precision,
-                                    use_distributed_optimizer=mo.uses_distributed_optimizer(self.optim.name),
-                                    overlap_grad_reduce=self.optim.overlap_grad_reduce,
-                                    overlap_param_gather=self.optim.overlap_param_gather)  # fmt: skip
+        self.pipelined = is_pipelined()
+        built = self.build_model()
+        models = list(built) if isinstance(built, list | tuple) else [built]  # interleaved: one per virtual stage
+        self.model = models[0] if len(models) == 1 else PipelineChunks(models)
+        self.chunks = [chunk for model in models
+                       for chunk in mo.wrap_model(model, precision=engine.precision,
+                                                  use_distributed_optimizer=mo.uses_distributed_optimizer(self.optim.name),
+                                                  overlap_grad_reduce=self.optim.overlap_grad_reduce,
+                                                  overlap_param_gather=self.optim.overlap_param_gather)]  # fmt: skip
 
     def configure_optimizers(self) -> None:
         """Build megatron-core's optimizer and the schedulers (once); return None: Lightning gets no optimizer.
@@ -180,9 +240,11 @@ class NevaModule(pl.LightningModule):
 
         gather_params(self.chunks)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         from neva_tools.train import megatron_optim as mo
 
+        if self.pipelined:
+            return self._pipelined_step(batch)
         last = self._micro == self.accumulate - 1
         if self._micro == 0:
             mo.zero_grad(self.chunks, self.optimizer)
@@ -204,6 +266,31 @@ class NevaModule(pl.LightningModule):
                 scheduler.step()
             self._count_optimizer_step()
             self._log_step(result, lrs)
+        return self.last_loss
+
+    def _pipelined_step(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Keep ``batch``; on the step's last micro-batch run megatron-core's schedule over them and step."""
+        from neva_tools.train import pipeline
+
+        if self._micro == 0:
+            self._batches = []
+        self._batches.append(batch)
+        self.last_loss = None  # the curve gets the step's mean loss at its last micro-batch
+        if self._micro < self.accumulate - 1:
+            self._micro += 1
+            return None
+        self._micro = 0
+        batches, self._batches = self._batches, []
+        lrs = {f"lr_{group.get('part', 'all')}": group["lr"] for group in self.optimizer.param_groups}
+        losses, result = pipeline.train_step(self.chunks, self.optimizer, batches, self.forward_fn)
+        for scheduler in self.schedulers:
+            scheduler.step()
+        self.last_loss = losses.losses.mean()
+        self._sums = {"loss": losses.losses.sum(), "tokens": sum(b["input_ids"].numel() for b in batches),
+                      "samples": sum(len(b["input_ids"]) for b in batches),
+                      "supervised": losses.tokens.sum()}  # fmt: skip
+        self._count_optimizer_step()
+        self._log_step(result, lrs)
         return self.last_loss
 
     def _count_optimizer_step(self) -> None:

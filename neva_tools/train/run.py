@@ -299,10 +299,14 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     layout = ImageLayout.from_config(m.data, m.mm_cfg, arch.image_size, arch.patch_size)  # AnyRes, patch merge
     processor = ImageProcessor.for_encoder(vision_model_type(arch), arch.image_size, m.data.image_aspect_ratio,
                                            layout=layout)  # fmt: skip
+    from neva_tools.data.video import VideoSampling
+
     dataset = NevaDataset(_datasets(cfg), tokenizer, processor,
                           template=m.data.conv_template, seed=int(m.seed), max_seq_length=int(m.data.max_seq_length),
                           image_tokens=image_tokens, im_start_end=image_wrap(m.mm_cfg) or False,
-                          allow_outside=bool(m.data.get("allow_outside_image_folder", False)))  # fmt: skip
+                          allow_outside=bool(m.data.get("allow_outside_image_folder", False)),
+                          video=VideoSampling.from_config(m.data),
+                          video_folder=m.data.get("video_folder") or None)  # fmt: skip
     if m.data.packing:
         dataset = PackedNevaDataset(dataset, int(m.data.max_seq_length))
         logger.info("packed %d samples into %d rows of %d tokens (%.0f%% full)", len(dataset.base), len(dataset),
@@ -321,18 +325,26 @@ def _train_neva(cfg: DictConfig) -> Path | None:
     for note in plan_notes(plan, llm_frozen=freeze_llm):
         logger.info("%s", note)
 
-    def build() -> Any:
+    def build() -> list[Any]:  # this rank's pipeline stage, or its interleaved chunks
         adapter = m.mm_cfg.pretrain_mm_mlp_adapter
-        model = neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
-                                   projector_type=projector, projector_from=adapter,
-                                   recompute=recompute_keys(m), vocab_size=plan.vocab,
-                                   image_layout=layout)  # fmt: skip
-        mask_padded_vocab(model.language_model.output_layer, plan.vocab)  # the model's vocabulary's loss, at any TP
-        freeze(model, llm=freeze_llm, vision=freeze_vision, projector=freeze_projector)
-        return model
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        chunks = [neva_io.build_neva(llm_path, llm_cfg, vocab, arch, vision_full, select_layer=select,
+                                     projector_type=projector, projector_from=adapter,
+                                     recompute=recompute_keys(m), vocab_size=plan.vocab, image_layout=layout,
+                                     vp_stage=stage) for stage in ([None] if vpp is None else range(vpp))]  # fmt: skip
+        for model in chunks:
+            if model._language_is_pipeline_parallel:  # stages exchange [max_seq_length, micro batch, h] activations
+                limit = min(model._language_max_sequence_length, int(m.data.max_seq_length))  # samples fit (checked)
+                model._language_max_sequence_length = limit
+            if model.language_model.post_process:  # the model's vocabulary's loss, at any TP
+                mask_padded_vocab(model.language_model.output_layer, plan.vocab)
+            freeze(model, llm=freeze_llm, vision=freeze_vision, projector=freeze_projector)
+        return chunks
 
     settings = TrainerSettings(
         max_steps=length.max_steps, tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
+        pipeline_model_parallel_size=int(m.pipeline_model_parallel_size),
+        virtual_pipeline_model_parallel_size=OmegaConf.select(m, "virtual_pipeline_model_parallel_size", default=None),
         global_batch_size=int(m.global_batch_size),
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),

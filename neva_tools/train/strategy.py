@@ -47,10 +47,12 @@ class MegatronStrategy(DDPStrategy):
     strategy_name = "megatron"
 
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                 seed: int = 1234, engine: EngineSettings | None = None, **kwargs: Any) -> None:  # fmt: skip
+                 seed: int = 1234, engine: EngineSettings | None = None,
+                 virtual_pipeline_model_parallel_size: int | None = None, **kwargs: Any) -> None:  # fmt: skip
         kwargs.setdefault("process_group_backend", "nccl" if torch.cuda.is_available() else "gloo")
         super().__init__(**kwargs)
         self.tp, self.pp, self.seed = tensor_model_parallel_size, pipeline_model_parallel_size, seed
+        self.vpp = virtual_pipeline_model_parallel_size  # interleaved pipeline stages per rank (None: not interleaved)
         self.engine = engine or EngineSettings()
 
     def setup_distributed(self) -> None:
@@ -67,7 +69,7 @@ class MegatronStrategy(DDPStrategy):
         if world % (self.tp * self.pp):
             raise NevaError(f"world size ({world}) must be divisible by tensor_model_parallel_size ({self.tp}) × "
                             f"pipeline_model_parallel_size ({self.pp})")  # fmt: skip
-        parallel_state.initialize_model_parallel(self.tp, self.pp)
+        parallel_state.initialize_model_parallel(self.tp, self.pp, virtual_pipeline_model_parallel_size=self.vpp)
         set_tf32(self.engine.tf32)
         if torch.cuda.is_available():
             tensor_parallel.model_parallel_cuda_manual_seed(self.seed)

@@ -7,6 +7,10 @@ same optimizer, schedule, dist checkpoints with resume (samples continue where t
 ``loss.png``. Every ``eval_interval`` steps the loss on the first ``eval_iters`` global batches of the
 validation split is logged as ``val_loss`` (also ``val_loss.csv``). At the end the run writes a GPT
 ``.nemo`` in the converter's layout (``runs/NAME/NAME.nemo``).
+
+``model.pipeline_model_parallel_size`` > 1 trains pipeline stages with megatron-core's schedules
+(:mod:`neva_tools.train.pipeline`; ``model.virtual_pipeline_model_parallel_size`` interleaves them); the
+validation loss then runs the forward-only schedule over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -28,12 +32,18 @@ from neva_tools.train.paths import resume_checkpoint, run_directory
 logger = logging.getLogger(__name__)
 
 
+def gpt_forward(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GPT (pipeline stage)'s output for a ``collate_text`` batch (the last stage: the per-token cross-entropy
+    ``[b, s]``) and the batch's loss mask (:data:`~neva_tools.train.pipeline.StageForward`)."""
+    losses = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return losses, batch["loss_mask"].float()
+
+
 def gpt_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over the loss-masked tokens, number of those tokens) for a ``collate_text`` batch."""
-    mask = batch["loss_mask"].float()
-    losses = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    tokens = mask.sum()
-    return (losses.float() * mask).sum() / tokens.clamp(min=1), tokens
+    from neva_tools.train.pipeline import masked_mean
+
+    return masked_mean(*gpt_forward(model, batch))
 
 
 class TextValidation(pl.Callback):
@@ -49,14 +59,21 @@ class TextValidation(pl.Callback):
         """The validation loss, summed over tokens on every data-parallel rank."""
         from megatron.core import parallel_state
 
+        from neva_tools.train import pipeline
+
         module.gather_weights()  # the weights of the last step (overlap_param_gather)
         model = module.chunk  # through Float16Module: bf16/fp16 weights take the integer batch as in training
+        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # summed on the device: no sync per batch
+        batches = [{k: v.to(module.device) for k, v in batch.items()} for batch in self.make_loader()]
+        if module.pipelined:  # the forward-only schedule; the micro-batch losses come back on every stage
+            step = pipeline.evaluate(module.chunks, batches, gpt_forward)
+            tokens = step.tokens.double()
+            total += torch.stack([(step.losses.double() * tokens).sum(), tokens.sum()])
+            batches = []
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=module.device)  # summed on the device: no sync per batch
         with torch.no_grad():
-            for batch in self.make_loader():
-                batch = {k: v.to(module.device) for k, v in batch.items()}
+            for batch in batches:
                 loss, tokens = gpt_loss(model, batch)
                 tokens = tokens.double()
                 total += torch.stack([loss.double() * tokens, tokens])
@@ -135,7 +152,7 @@ def train_text(cfg: DictConfig) -> Path | None:
 
     from neva_tools.data.gpt_blend import DatasetTokenizer, TextDataSettings, build_text_datasets, collate_text
     from neva_tools.model import neva_io
-    from neva_tools.model.from_nemo import load_gpt_from_nemo
+    from neva_tools.model.from_nemo import load_gpt_chunks_from_nemo
     from neva_tools.model.gpt import gpt_model_kwargs
     from neva_tools.model.vocab_mask import mask_padded_vocab
     from neva_tools.train.fit import (
@@ -162,9 +179,8 @@ def train_text(cfg: DictConfig) -> Path | None:
 
     cfg = apply_mixture(cfg)  # a mixture YAML as data_path also sets max_steps, global_batch_size, seq_length
     m, t = cfg.model, cfg.model.text_pretrain
-    tp = int(m.tensor_model_parallel_size)
-    if int(m.pipeline_model_parallel_size) != 1:
-        raise NevaError("pipeline_model_parallel_size > 1 is not supported for text pretraining yet; use TP")
+    tp, pp = int(m.tensor_model_parallel_size), int(m.pipeline_model_parallel_size)
+    vpp = OmegaConf.select(m, "virtual_pipeline_model_parallel_size", default=None)
     problems = engine_problems(cfg) + text_problems(cfg, offline=False)
     if problems:
         raise NevaError("the text-pretraining config has problems:\n  " + "\n  ".join(problems))
@@ -184,8 +200,9 @@ def train_text(cfg: DictConfig) -> Path | None:
                         f"({positions['max_sequence_length']}, encoder_seq_length of {llm_path})")  # fmt: skip
     length = run_length(cfg, None)  # trainer.max_steps (max_epochs is for NeVA data), warmup_ratio
     settings = TrainerSettings(
-        max_steps=length.max_steps, tensor_model_parallel_size=tp, micro_batch_size=int(m.micro_batch_size),
-        global_batch_size=int(m.global_batch_size),
+        max_steps=length.max_steps, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=None if vpp is None else int(vpp),
+        micro_batch_size=int(m.micro_batch_size), global_batch_size=int(m.global_batch_size),
         precision=trainer_precision(cfg.trainer.precision, m.megatron_amp_O2),
         gradient_clip_val=float(cfg.trainer.gradient_clip_val), log_every_n_steps=int(cfg.trainer.log_every_n_steps),
         num_nodes=int(cfg.trainer.num_nodes), seed=int(m.seed), progress=bool(cfg.trainer.enable_progress_bar),
@@ -217,16 +234,18 @@ def train_text(cfg: DictConfig) -> Path | None:
                           collate_fn=functools.partial(collate_text, vocab_size=vocab),
                           **loader_workers(int(m.data.num_workers)))  # fmt: skip
 
-    def build() -> Any:
-        model = load_gpt_from_nemo(llm_path, overrides={**recompute_keys(m), **llm_overrides(m)})[0]
-        mask_padded_vocab(model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
-        return model
+    def build() -> list[Any]:  # this rank's pipeline stage (interleaved: its chunks)
+        chunks = load_gpt_chunks_from_nemo(llm_path, overrides={**recompute_keys(m), **llm_overrides(m)})[0]
+        for model in chunks:
+            if model.post_process:
+                mask_padded_vocab(model.output_layer, vocab)  # the loss of the true vocabulary, at any TP
+        return chunks
 
     o = m.optim
     optim = optim_settings(cfg)
     sched = ScheduleSettings(max_steps=settings.max_steps, warmup_steps=length.warmup_steps,
                              constant_steps=int(o.sched.constant_steps), min_lr=float(o.sched.min_lr))  # fmt: skip
-    module = NevaModule(build, optim, sched, loss_fn=gpt_loss, loader=loader)
+    module = NevaModule(build, optim, sched, loss_fn=gpt_loss, loader=loader, forward_fn=gpt_forward)
     final = FinalGptNemo(run_dir / f"{cfg.name}.nemo", llm_path, override)
     mbs, gbs = settings.micro_batch_size, settings.global_batch_size
     validation = TextValidation(lambda: validation_batches(datasets["valid"], iters, gbs, mbs, vocab), every,

@@ -44,6 +44,11 @@ def check_config(cfg: DictConfig, *, offline: bool = True, devices: int | None =
 
     problems, devices = devices_problems(cfg, devices)
     problems += _general(cfg, devices)
+    llm_path = OmegaConf.select(cfg, "model.mm_cfg.llm.from_pretrained", default=None)
+    if not offline and int(cfg.model.pipeline_model_parallel_size) > 1 and llm_path and Path(llm_path).is_file():
+        from neva_tools.model.neva_io import llm_config
+
+        problems += pipeline_problems(cfg, int(llm_config(Path(llm_path))[0]["num_layers"]))
     if OmegaConf.select(cfg, "model.text_pretrain.enabled", default=False):
         problems += text_problems(cfg, offline=offline)
         llm = cfg.model.mm_cfg.llm.from_pretrained
@@ -109,8 +114,7 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
         except NevaError as exc:
             problems.append(f"{exc} (world size {world} = {devices} processes per node × trainer.num_nodes "
                             f"{nodes}; model.tensor_model_parallel_size {tp})")  # fmt: skip
-    if pp != 1:
-        problems.append(f"model.pipeline_model_parallel_size ({pp}) must be 1: NeVA training supports TP only")
+    problems += pipeline_problems(cfg)
     problems += engine_problems(cfg)  # precision (with megatron_amp_O2), optim.name, overlap options
     sched = m.optim.sched
     problems += step_problems(cfg)  # max_steps / max_epochs, warmup_steps / warmup_ratio
@@ -121,6 +125,26 @@ def _general(cfg: DictConfig, devices: int | None) -> list[str]:
     if float(sched.min_lr) > float(m.optim.lr):
         problems.append(f"model.optim.sched.min_lr ({sched.min_lr}) is larger than model.optim.lr ({m.optim.lr})")
     return problems
+
+
+def pipeline_problems(cfg: DictConfig, num_layers: int | None = None) -> list[str]:
+    """Pipeline settings: ``virtual_pipeline_model_parallel_size`` needs PP > 1; given the LLM's ``num_layers``
+    (read from its ``.nemo`` when files are checked), PP (× virtual stages) must divide it."""
+    from neva_tools.model.gpt import virtual_pipeline_size
+
+    m = cfg.model
+    pp = int(m.pipeline_model_parallel_size)
+    try:
+        vpp = virtual_pipeline_size({"pipeline_model_parallel_size": pp,
+                                     "virtual_pipeline_model_parallel_size": OmegaConf.select(
+                                         m, "virtual_pipeline_model_parallel_size", default=None)})  # fmt: skip
+    except NevaError as exc:
+        return [str(exc)]
+    stages = pp * (vpp or 1)
+    if num_layers is not None and pp > 1 and num_layers % stages:
+        what = f"pipeline_model_parallel_size ({pp})" if vpp is None else f"PP × virtual stages ({pp} × {vpp})"
+        return [f"model.{what} must divide the LLM's num_layers ({num_layers})"]
+    return []
 
 
 def _neva(cfg: DictConfig) -> list[str]:
@@ -150,6 +174,12 @@ def _neva(cfg: DictConfig) -> list[str]:
                         f"{', '.join(ASPECTS)} (N: a positive integer)")  # fmt: skip
     else:
         problems += _layout(m, 1, 1)[1]  # pinpoints' form, merge type, their combination (sizes: _vision_rules)
+    try:
+        from neva_tools.data.video import VideoSampling
+
+        VideoSampling.from_config(m.data)  # frame bounds, frames_upbound against video_max_frames, pixel limits
+    except NevaError as exc:
+        problems.append(str(exc))
     if OmegaConf.select(m, "data.group_by_modality_length", default=False) and m.data.packing:
         problems.append("model.data.group_by_modality_length and model.data.packing are both true: a packed row "
                         "already mixes image and text-only samples, so batches cannot hold one modality; set one of "

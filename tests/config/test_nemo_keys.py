@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from neva_tools.config import nemo_keys
 from neva_tools.config.load import BASE_CONFIG, ROOT, load_config, load_config_report
+from neva_tools.config.translate import flat_items
 from neva_tools.errors import NevaError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -18,17 +19,17 @@ PUBLISHED = [FIXTURES / "nemo_neva_config.yaml", FIXTURES / "nemo_neva_finetune.
 
 
 def _base_keys() -> set[str]:
-    return {k for k, _ in nemo_keys.flat_items(OmegaConf.load(BASE_CONFIG))}
+    return {k for k, _ in flat_items(OmegaConf.load(BASE_CONFIG))}
 
 
 def test_every_key_of_the_seed_and_of_nemos_configs_has_a_fate() -> None:
     base = _base_keys()
     for path in [SEED, *PUBLISHED]:
-        keys = [k for k, _ in nemo_keys.flat_items(OmegaConf.load(path))]
+        keys = [k for k, _ in flat_items(OmegaConf.load(path))]
         assert len(keys) >= 150
         missing = [k for k in keys if k not in nemo_keys.NEMO_KEYS and k not in base]
         assert not missing, (path.name, missing)
-    assert len([k for k, _ in nemo_keys.flat_items(OmegaConf.load(SEED))]) == 161  # the issue's count
+    assert len([k for k, _ in flat_items(OmegaConf.load(SEED))]) == 161  # the issue's count
 
 
 def test_table_targets_exist_in_our_config() -> None:

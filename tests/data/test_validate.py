@@ -37,7 +37,7 @@ def _bad_records(images: Path) -> list[str]:
         json.dumps({"id": "i", "image": "00000.png", "conversations": _conv(("human", "what?"), ("gpt", "<image>"))}),
         json.dumps({"id": "j", "image": "nope.png", "conversations": ok}),  # 11 image_missing
         json.dumps({"id": "k", "image": "corrupt.png", "conversations": ok}),  # 12 image_unreadable
-        json.dumps({"id": "l", "video": "clip.mp4", "conversations": _conv(("human", "q"), ("gpt", "a"))}),  # 13
+        json.dumps({"id": "l", "video": "clip.mp4", "conversations": _conv(("human", "<video>q"), ("gpt", "a"))}),  # 13
     ]
     return rows
 

@@ -217,19 +217,35 @@ def test_config_has_the_allow_outside_key() -> None:
 
 
 # 7. video records
-def test_video_records_are_refused_in_validate_and_training(tmp_path: Path, folder: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_unusable_video_records_are_refused_in_validate_and_training(
+    tmp_path: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from video_clips import write_clip
+
     (folder / "v.mp4").write_bytes(b"\0")
-    text = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "<video> x"}]
-    rows = [{"id": "v", "video": "v.mp4", "conversations": text}, {"id": "t", "conversations": text},
-            {"id": "f", "video": "v.mp4", "conversations": [{"from": "human", "value": "q"},
-                                                            {"from": "gpt", "value": "a"}]}]  # fmt: skip
+    write_clip(folder / "short.mp4", 2)
+    write_clip(folder / "ok.mp4", 12)
+    text = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "a"}]
+    plain = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    rows = [{"id": "v", "video": "v.mp4", "conversations": text},  # 1 corrupt
+            {"id": "t", "conversations": text},  # 2 a tag without a video
+            {"id": "f", "video": "ok.mp4", "conversations": plain},  # 3 a video without its tag
+            {"id": "s", "video": "short.mp4", "conversations": text},  # 4 2 frames < video_min_frames 4
+            {"id": "b", "video": "ok.mp4", "image": "a.png", "conversations": text},  # 5 both
+            {"id": "m", "video": "gone.mp4", "conversations": text},  # 6 missing
+            {"id": "o", "video": "../ok.mp4", "conversations": text},  # 7 outside the folder
+            {"id": "ok", "video": "ok.mp4", "conversations": text}]  # 8 valid  # fmt: skip
     path = _jsonl(tmp_path / "v.jsonl", rows)
     rc, report, _ = _validate(capsys, path, "--image-folder", str(folder))
-    assert rc == 1 and _problems(report) == [("line 1", "v", "video_unsupported"), ("line 2", "t", "video_unsupported"),
-                                             ("line 3", "f", "video_unsupported")]  # fmt: skip
-    assert "not supported yet" in report["problems"][0]["message"]
-    with pytest.raises(NevaError, match=r"3 records training cannot use .*video records are not supported"):
+    assert rc == 1 and _problems(report) == [
+        ("line 1", "v", "video_unreadable"), ("line 2", "t", "video_count_mismatch"),
+        ("line 3", "f", "video_count_mismatch"), ("line 4", "s", "video_too_short"),
+        ("line 5", "b", "bad_video_field"), ("line 5", "b", "image_count_mismatch"),
+        ("line 6", "m", "video_missing"), ("line 7", "o", "video_outside_folder")]  # fmt: skip
+    assert report["videos"] == 7 and report["invalid_records"] == 7
+    short = report["problems"][3]["found"]
+    assert "0.20 s, 2 frames at 10 fps" in short and "fewer than video_min_frames (4)" in short
+    with pytest.raises(NevaError, match=r"4 records training cannot use .*no 'video'"):
         load_items([DatasetUse(DatasetSpec("v", path, folder, "plain"))], None, 0)
 
 

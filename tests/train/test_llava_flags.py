@@ -142,9 +142,9 @@ def test_model_must_be_a_nemo(paths: Path) -> None:
 
 
 def test_unknown_flags_are_listed_at_once(paths: Path) -> None:
-    with pytest.raises(NevaError, match=r"unknown LLaVA training flags: --mm_resampler_type, --frames_upbound, "
+    with pytest.raises(NevaError, match=r"unknown LLaVA training flags: --mm_resampler_type, --mm_spatial_pool_mode, "
                                         r"--lora_r; "):  # fmt: skip
-        translate([*BASE, "--mm_resampler_type", "x", "--frames_upbound", "32", "--lazy_preprocess", "True",
+        translate([*BASE, "--mm_resampler_type", "x", "--mm_spatial_pool_mode", "average", "--lazy_preprocess", "True",
                    "--lora_r", "8"])  # fmt: skip
 
 

@@ -80,7 +80,8 @@ def _fires(problems: list[str], *parts: str) -> bool:
     [
         (["model.global_batch_size=3", "model.micro_batch_size=2"], "global_batch_size (3) must be a multiple of "
                                                                     "model.micro_batch_size (2)"),
-        (["model.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size (2) must be 1"),
+        (["model.virtual_pipeline_model_parallel_size=2"], "virtual_pipeline_model_parallel_size is 2 but "
+                                                           "pipeline_model_parallel_size is 1"),
         (["model.data.conv_template=alpaca"], "conv_template (alpaca) is not one of plain"),
         (["model.mm_cfg.mm_mlp_adapter_type=qformer"], "mm_mlp_adapter_type (qformer) is not one of"),
         (["model.data.image_aspect_ratio=crop"], "image_aspect_ratio (crop) is not one of"),
