@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -
     p.add_argument("--benchmark", choices=BENCHMARKS, help="a published benchmark's file instead of --data")
     p.add_argument("--data", help="LLaVA-format JSON/JSONL (conversations ending with the answer)")
     p.add_argument("--image-folder", help="root for the records' (questions') relative image paths")
+    p.add_argument("--video-folder", help="root for the records' relative video paths (default: --image-folder)")
     p.add_argument("--output", help="the JSON report (default: FILE_STEM.eval.json, FILE_STEM.mmbench.json, "
                    "ANSWERS_STEM.scores.json in the current directory)")  # fmt: skip
     p.add_argument("--predictions", help="also write per-record results: choice, candidate NLLs, generated answer")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with inference_session(args.tp, "eval"):
         loaded = load_neva(args.model, vision=args.vision, llm=args.llm, template=args.template, dtype=args.dtype)
-        report, predictions = evaluate(loaded, args.data, args.image_folder, settings)
+        report, predictions = evaluate(loaded, args.data, args.image_folder, settings, video_folder=args.video_folder)
     if global_rank() != 0:
         return 0
     with atomic_path(output, kind=EVAL_REPORT, overwrite=args.overwrite) as tmp:

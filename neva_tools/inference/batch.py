@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from neva_tools.data.dataset import media_sizes
 from neva_tools.data.images import ImageBatch
 from neva_tools.data.templates import IMAGE_TOKEN_INDEX
 from neva_tools.errors import NevaError
@@ -229,7 +230,7 @@ def _decode(model: Any, group: list[_Prompt], stops: set[int], vocab: int,
     tiles = torch.cat([p.images.tiles for p in group]).to(device)
     placement = {}
     if hasattr(model, "image_layout"):
-        placement["image_sizes"] = torch.cat([p.images.sizes for p in group]).to(device)
+        placement["image_sizes"] = media_sizes([p.images.sizes for p in group]).to(device)  # [n, 3] with videos
     context = StaticInferenceContext(len(group), length + steps)
     padding = bool(pads.any())
     out: list[list[int]] = [[] for _ in group]

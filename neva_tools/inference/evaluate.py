@@ -15,6 +15,11 @@ On a LLaVA-format file (the records ``neva train`` reads):
   case, punctuation removed, spaces collapsed).
 
 Every metric is reported overall and per record ``kind`` when records carry one.
+
+Video records (``"video"`` and ``<video>``, :mod:`neva_tools.data.video`) are scored as training renders them: the
+clip's frames sampled with the model's training settings (its config's ``data.base_interval``,
+``video_min_frames``, ``video_max_frames``...), one media entry whose tiles are the frames, as ``neva generate
+--video`` does; relative video paths are resolved against ``video_folder`` (default: the image folder).
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ import torch
 
 from neva_tools.data.dataset import NevaDataset, collate
 from neva_tools.data.images import ImageBatch
-from neva_tools.data.records import Record, Turn, resolve_media
+from neva_tools.data.records import Record, Turn
 from neva_tools.data.registry import DatasetSpec, DatasetUse
 from neva_tools.data.templates import IGNORE_INDEX, tokenize_conversation
+from neva_tools.data.video import VideoSampling
 from neva_tools.errors import NevaError
 from neva_tools.inference.batch import Request, generate_batch
 from neva_tools.inference.generate import as_image_batch
-from neva_tools.inference.load import LoadedNeva, load_image_batch
+from neva_tools.inference.load import LoadedNeva, neva_config
 from neva_tools.inference.prompt import answer_span, generation_prompt, stop_token_ids
 from neva_tools.inference.scoring import token_nll
 from neva_tools.utils.log import progress
@@ -116,8 +122,8 @@ class _Tally:
 
 
 def _last_round(record: Record) -> tuple[list[Turn], str]:
-    """(the turns before the last answer, the last answer)."""
-    turns = record.turns()
+    """(the turns before the last answer, the last answer); a video's ``<video>`` is its media placeholder."""
+    turns = record.media_turns()
     if len(turns) < 2 or turns[-1].role != "assistant":
         raise NevaError(f"{record.where()}: the last turn must be the assistant's answer to score it")
     return turns[:-1], turns[-1].text
@@ -152,11 +158,9 @@ class _Question:
 
 
 def _questions(records: Sequence[Record], settings: EvalSettings, data: Path) -> list[_Question]:
-    """Every record checked before any model work: last turn an answer, no video, references among candidates."""
+    """Every record checked before any model work: last turn an answer, references among candidates."""
     out = []
     for record in records:
-        if record.video is not None:
-            raise NevaError(f"{record.where()}: video records are not supported by neva eval")
         context, reference = _last_round(record)
         answers = _record_candidates(record, settings.candidates) if "choice" in settings.metrics else None
         if answers is not None and reference not in answers:
@@ -201,16 +205,27 @@ def validation_loss(loaded: LoadedNeva, dataset: NevaDataset, batch_size: int) -
     return {"value": total / max(tokens, 1), "tokens": tokens, "records": len(dataset)}
 
 
+def _media(dataset: NevaDataset, index: int) -> ImageBatch:
+    """Item ``index``'s images (AnyRes tiles) or video (its sampled frames, one entry) as the model takes them."""
+    batch = dataset.image_batch(index)
+    if batch.tokens is None:
+        batch.tokens = torch.full((len(batch),), dataset.image_tokens, dtype=torch.long)
+    return batch
+
+
 def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | None,
-             settings: EvalSettings | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
-    """(report, per-record predictions) of ``loaded`` on the LLaVA-format file ``data``."""
+             settings: EvalSettings | None = None, *,
+             video_folder: str | Path | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """(report, per-record predictions) of ``loaded`` on the LLaVA-format file ``data``; relative video paths are
+    resolved against ``video_folder`` (default: ``image_folder``)."""
     settings = settings or EvalSettings()
     data = Path(data)
     folder = Path(image_folder) if image_folder is not None else None
+    video = VideoSampling.from_config(neva_config(loaded.source).get("data"))  # as the model was trained
     dataset = NevaDataset([DatasetUse(DatasetSpec(data.stem, data, folder, loaded.template))], loaded.tokenizer.path,
                           loaded.image_processor, template=loaded.template,
                           max_seq_length=loaded.max_sequence_length, image_tokens=loaded.model.img_seq_len,
-                          im_start_end=loaded.im_start_end)  # fmt: skip
+                          im_start_end=loaded.im_start_end, video=video, video_folder=video_folder)  # fmt: skip
     if not len(dataset):
         raise NevaError(f"{data} holds no records")
     report: dict[str, Any] = {"model": str(loaded.source), "data": str(data), "template": loaded.template,
@@ -233,8 +248,9 @@ def evaluate(loaded: LoadedNeva, data: str | Path, image_folder: str | Path | No
             generation.add(q.kind, exact_match=exact, contains=contains)
         pending.clear()
 
-    for q in progress(questions if want_choice or want_gen else [], desc="answers", unit="record"):
-        images = load_image_batch([resolve_media(p, folder) for p in q.record.images], loaded.image_processor)
+    asked = list(enumerate(questions)) if want_choice or want_gen else []
+    for index, q in progress(asked, desc="answers", unit="record"):
+        images = _media(dataset, index)
         row: dict[str, Any] = {"id": q.record.id, "kind": q.kind or None, "reference": q.reference}
         if q.answers is not None:
             nll = candidate_nll(loaded, q.context, images, q.answers, q.record.where())
