@@ -186,3 +186,16 @@ def text_pretrain_assets(root: Path, *, hidden: int = 64, intermediate: int = 96
     assert status == 0
     return {"root": str(root), "runs": str(root / "runs"), "llm": str(root / "llm.nemo"),
             "prefix": str(root / "corpus_text_document")}  # fmt: skip
+
+
+def nemo_with_config(source: Path, dest: Path, text: str) -> Path:
+    """``source`` (a ``.nemo``) with its ``model_config.yaml`` replaced by ``text`` (surrogates stand for raw bytes)."""
+    from neva_tools.checkpoint.nemo_archive import NemoArchive
+    from neva_tools.checkpoint.nemo_writer import NemoWriter
+
+    raw = text.encode(errors="surrogateescape")
+    with NemoArchive(source) as archive, NemoWriter(dest) as writer:
+        for name in archive.names:
+            with archive.open(name) as fh:
+                writer.add_bytes(name, raw if name == "model_config.yaml" else fh.read())
+    return dest

@@ -15,6 +15,7 @@ from typing import Any
 
 from neva_tools.checkpoint.nemo_archive import NemoArchive, artifact_name
 from neva_tools.checkpoint.nemo_writer import NemoWriter
+from neva_tools.errors import NevaError
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -61,6 +62,9 @@ def export_tokenizer(archive: NemoArchive, section: dict[str, Any] | None, dest:
     """Write the tokenizer files stored in ``archive`` into HF directory ``dest``; return the file names."""
     if not section:
         return []
+    if not isinstance(section, dict):
+        raise NevaError(f"{archive.path}: model_config.yaml's tokenizer is {section!r}; it must be a mapping (library, "
+                        "type, model, ...) as NeMo writes it: fix the value or remove the key")  # fmt: skip
     written = []
     hf_ref = section.get("hf_files") or (section.get("type") if section.get("library") == "huggingface" else None)
     if isinstance(hf_ref, str) and hf_ref.startswith("nemo:"):

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
-from builders import build_tiny_llm
+from builders import build_tiny_llm, nemo_with_config
 
 from neva_tools.checkpoint.nemo_archive import NemoArchive
-from neva_tools.checkpoint.nemo_writer import NemoWriter
 from neva_tools.cli.main import main
 from neva_tools.convert.hf_to_nemo import convert_hf_to_nemo
 
@@ -155,16 +154,6 @@ def test_index_broken(
 # -- model_config.yaml of a .nemo ------------------------------------------------------------------------------------
 
 
-def with_config(source: Path, dest: Path, text: str) -> Path:
-    """``source`` with its ``model_config.yaml`` replaced by ``text`` (surrogates stand for raw bytes)."""
-    raw = text.encode(errors="surrogateescape")
-    with NemoArchive(source) as archive, NemoWriter(dest) as writer:
-        for name in archive.names:
-            with archive.open(name) as fh:
-                writer.add_bytes(name, raw if name == "model_config.yaml" else fh.read())
-    return dest
-
-
 def nemo_refused(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], *wanted: str) -> None:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
@@ -189,7 +178,7 @@ def _config(nemo: Path, **changes: Any) -> str:
 
 def test_nemo_config_without_num_attention_heads(nemo: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    bad = with_config(nemo, tmp_path / "bad.nemo", _config(nemo, num_attention_heads=DROP))
+    bad = nemo_with_config(nemo, tmp_path / "bad.nemo", _config(nemo, num_attention_heads=DROP))
     nemo_refused(bad, tmp_path, capsys, f"{bad}:model_config.yaml: required key 'num_attention_heads' is missing")
 
 
@@ -209,12 +198,12 @@ def test_nemo_config_without_num_attention_heads(nemo: Path, tmp_path: Path,
 def test_nemo_config_ill_typed_values(
     nemo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict, wanted: str
 ) -> None:
-    bad = with_config(nemo, tmp_path / "bad.nemo", _config(nemo, **changes))
+    bad = nemo_with_config(nemo, tmp_path / "bad.nemo", _config(nemo, **changes))
     nemo_refused(bad, tmp_path, capsys, f"{bad}", wanted)
 
 
 def test_nemo_config_that_is_a_list(nemo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bad = with_config(nemo, tmp_path / "bad.nemo", "- num_layers: 2\n")
+    bad = nemo_with_config(nemo, tmp_path / "bad.nemo", "- num_layers: 2\n")
     nemo_refused(bad, tmp_path, capsys, f"{bad}: model_config.yaml is not a mapping")
 
 
@@ -229,5 +218,5 @@ def test_nemo_config_that_is_a_list(nemo: Path, tmp_path: Path, capsys: pytest.C
 def test_nemo_config_unreadable(
     nemo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, wanted: str
 ) -> None:
-    bad = with_config(nemo, tmp_path / "bad.nemo", text)
+    bad = nemo_with_config(nemo, tmp_path / "bad.nemo", text)
     nemo_refused(bad, tmp_path, capsys, f"{bad}: {wanted}")

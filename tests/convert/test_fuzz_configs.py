@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from builders import build_tiny_llm
+from builders import build_tiny_llm, nemo_with_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -107,17 +107,6 @@ def test_fuzzed_config_json(source: tuple[Path, Path], capsys: pytest.CaptureFix
         _converts(_hf_copy(hf, root / "hf", text), root, capsys)
 
 
-def _with_config(source: Path, dest: Path, text: str) -> Path:
-    from neva_tools.checkpoint.nemo_writer import NemoWriter
-
-    raw = text.encode(errors="surrogateescape")
-    with NemoArchive(source) as archive, NemoWriter(dest) as writer:
-        for name in archive.names:
-            with archive.open(name) as fh:
-                writer.add_bytes(name, raw if name == "model_config.yaml" else fh.read())
-    return dest
-
-
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_model_config_yaml(source: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
@@ -134,7 +123,7 @@ def test_fuzzed_model_config_yaml(source: tuple[Path, Path], capsys: pytest.Capt
     command = data.draw(st.sampled_from(["repartition", "nemo-to-hf"]), label="command")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bad = _with_config(nemo, root / "bad.nemo", text)
+        bad = nemo_with_config(nemo, root / "bad.nemo", text)
         out = root / "out"
         out.mkdir()
         argv = (["repartition", "--input", str(bad), "--output", str(out / "re.nemo"), "--tp", "2"]
