@@ -130,16 +130,16 @@ def test_stage2_from_mm_projector_bin_frozen_epochs_warmup_and_save_total_limit(
 
 
 def test_unknown_flags_are_listed_at_once(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "--model_name_or_path", "x.nemo", "--frames_upbound", "32", "--mm_newline_position",
-                "grid", "--lazy_preprocess", "True")  # fmt: skip
+    proc = _run(tmp_path, "--model_name_or_path", "x.nemo", "--mm_spatial_pool_mode", "average",
+                "--mm_newline_position", "grid", "--lazy_preprocess", "True")  # fmt: skip
     assert proc.returncode == 2 and not proc.stdout
     assert "--model_name_or_path x.nemo does not exist" in proc.stderr
     (tmp_path / "x.nemo").write_bytes(b"")
     (tmp_path / "clip").mkdir()
     proc = _run(tmp_path, "--model_name_or_path", "x.nemo", "--vision_tower", "clip", "--version", "plain",
-                "--data_path", "d.json", "--output_dir", "o", "--frames_upbound", "32", "--mm_newline_position",
-                "grid", "--lazy_preprocess", "True")  # fmt: skip
+                "--data_path", "d.json", "--output_dir", "o", "--mm_spatial_pool_mode", "average",
+                "--mm_newline_position", "grid", "--lazy_preprocess", "True")  # fmt: skip
     assert proc.returncode == 2
-    assert "unknown LLaVA training flags: --frames_upbound, --mm_newline_position;" in proc.stderr
+    assert "unknown LLaVA training flags: --mm_spatial_pool_mode, --mm_newline_position;" in proc.stderr
     help_text = _run(tmp_path, "--help")
     assert help_text.returncode == 0 and "--nproc N" in help_text.stdout
