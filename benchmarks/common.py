@@ -192,3 +192,22 @@ def against_cp(tool: str, cmd: list[str], inputs: list[Path], out: Path, copy_di
         largest = max(m.size for m in tar.getmembers() if m.name.endswith(".ckpt"))
     peak_rss = max(s["peak_rss"] for s in summaries)
     return timing_result(tool, samples, peak_rss, baseline_rss(baseline_modules), largest)
+
+
+def stdout_to_stderr() -> int:
+    """Send what the run prints (its own output and its subprocesses') to stderr, so stdout holds the JSON alone;
+    returns the real stdout for :func:`emit_json`."""
+    stdout = os.dup(1)
+    os.dup2(2, 1)
+    return stdout
+
+
+def emit_json(result: dict, stdout: int, name: str) -> None:
+    """Print ``result`` as one JSON line on the real ``stdout`` and, under ``$OUT`` (the device tool), save it as
+    ``$OUT/name``."""
+    text = json.dumps(result)
+    sys.stdout.flush()
+    os.dup2(stdout, 1)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(text + "\n")

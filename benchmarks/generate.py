@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import emit_json, stdout_to_stderr
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What colour is the circle?", "Where?", "Describe the image.", "Is there a square in the picture?",
@@ -171,8 +173,7 @@ def main() -> int:
     started = time.perf_counter()
     dtype = weight_dtype(args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stdout = os.dup(1)
-    os.dup2(2, 1)  # builders' and converters' output goes to stderr: stdout holds the JSON alone
+    stdout = stdout_to_stderr()
     with tempfile.TemporaryDirectory(prefix="neva-generate-bench-") as tmp:
         nemo, exported = build(Path(tmp), args.hidden, args.layers)
         init_distributed(tp=1, seed=1234)
@@ -230,12 +231,7 @@ def main() -> int:
     result["distinct_continuations"] = len({tuple(t) for t in outputs["ours_b1"]})
     result["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     result["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result)
-    sys.stdout.flush()
-    os.dup2(stdout, 1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "generate.json").write_text(text + "\n")
+    emit_json(result, stdout, "generate.json")
     return 0
 
 

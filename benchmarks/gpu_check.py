@@ -49,6 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import emit_json, stdout_to_stderr
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
@@ -329,8 +331,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     result: dict[str, Any] = {"check": "gpu_check", "environment": environment()}
     started = time.perf_counter()
-    stdout = os.dup(1)
-    os.dup2(2, 1)  # the parts' own output (and their subprocesses') goes to stderr: stdout holds the JSON alone
+    stdout = stdout_to_stderr()
     with tempfile.TemporaryDirectory(prefix="neva-gpu-check-") as tmp:
         parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("stages", lambda: stages(Path(tmp), steps=4 if args.smoke else 40)),  # own processes, before this one
@@ -348,12 +349,7 @@ def main() -> int:
         finally:
             destroy_distributed()
     result["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(result)
-    sys.stdout.flush()
-    os.dup2(stdout, 1)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_check.json").write_text(text + "\n")
+    emit_json(result, stdout, "gpu_check.json")
     return 0
 
 
