@@ -1,9 +1,7 @@
-"""The video keys of ``model.data`` (issue 22): documented defaults, value and cross-key checks, LLaVA-NeXT's and
-Qwen-VL's flags mapped to them, NeMo's Video NeVA keys in the key table."""
+"""The video keys of ``model.data`` (issue 22): documented defaults, value and cross-key checks, NeMo's Video NeVA
+keys in the key table (LLaVA-NeXT's and Qwen-VL's video flags: tests/train/test_llava_flags.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -11,21 +9,7 @@ from neva_tools.config.load import load_config
 from neva_tools.config.nemo_keys import NEMO_KEYS, Ours, Refused
 from neva_tools.data.video import VideoSampling
 from neva_tools.errors import NevaError
-from neva_tools.train.llava_flags import translate
 from neva_tools.train.validate import check_config
-
-BASE = ["--model_name_or_path", "llm.nemo", "--vision_tower", "clip", "--version", "plain", "--data_path", "d.json",
-        "--output_dir", "out/run"]  # fmt: skip
-
-
-@pytest.fixture
-def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    (tmp_path / "llm.nemo").write_bytes(b"")
-    (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "config.json").write_text("{}")
-    return tmp_path
 
 
 def test_defaults_are_qwen_vls_sampling() -> None:
@@ -62,21 +46,6 @@ def test_cross_key_problems_are_reported_by_check_config() -> None:
     low_high = load_config(None, ["model.data.video_min_frame_pixels=100", "model.data.video_max_frame_pixels=10"])
     assert any("video_min_frame_pixels (100) must not exceed video_max_frame_pixels (10)" in p
                for p in check_config(low_high, offline=True))  # fmt: skip
-
-
-def test_llava_next_and_qwen_video_flags_map_to_their_keys(paths: Path) -> None:
-    next_ = translate([*BASE, "--video_folder", "videos", "--frames_upbound", "32"]).overrides
-    assert (next_["model.data.video_folder"], next_["model.data.frames_upbound"]) == ("videos", 32)
-    qwen = translate([*BASE, "--base_interval", "2", "--video_max_frames", "8", "--video_min_frames", "4",
-                      "--video_max_frame_pixels", str(1664 * 28 * 28), "--video_min_frame_pixels",
-                      str(256 * 28 * 28)])  # fmt: skip
-    o = qwen.overrides
-    assert (o["model.data.base_interval"], o["model.data.video_min_frames"], o["model.data.video_max_frames"]) == (
-        2.0, 4, 8)  # fmt: skip
-    assert (o["model.data.video_max_frame_pixels"], o["model.data.video_min_frame_pixels"]) == (1304576, 200704)
-    assert not any("base_interval" in note for note in qwen.notes)  # mapped, not inert
-    cfg = load_config(None, qwen.args())  # every override is a key of conf/neva_config.yaml
-    assert VideoSampling.from_config(cfg.model.data) == VideoSampling(2.0, 4, 8, 1304576, 200704)
 
 
 def test_nemo_video_neva_keys() -> None:

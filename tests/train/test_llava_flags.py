@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from neva_tools.config.load import load_config
+from neva_tools.data.video import VideoSampling
 from neva_tools.errors import NevaError
 from neva_tools.train.llava_flags import parse_flags, translate
 from neva_tools.train.validate import check_config
@@ -198,3 +199,18 @@ def test_llava_next_anyres_flags_map_to_their_keys(paths: Path) -> None:
                                             "(1x1),...,(6x6)"]).args())  # fmt: skip
     assert any("anyres_max_9 shrinks large tile grids only with model.mm_cfg.mm_patch_merge_type spatial_unpad" in p
                for p in check_config(flat_max, offline=True))  # fmt: skip
+
+
+def test_llava_next_and_qwen_video_flags_map_to_their_keys(paths: Path) -> None:
+    next_ = translate([*BASE, "--video_folder", "videos", "--frames_upbound", "32"]).overrides
+    assert (next_["model.data.video_folder"], next_["model.data.frames_upbound"]) == ("videos", 32)
+    qwen = translate([*BASE, "--base_interval", "2", "--video_max_frames", "8", "--video_min_frames", "4",
+                      "--video_max_frame_pixels", str(1664 * 28 * 28), "--video_min_frame_pixels",
+                      str(256 * 28 * 28)])  # fmt: skip
+    o = qwen.overrides
+    assert (o["model.data.base_interval"], o["model.data.video_min_frames"], o["model.data.video_max_frames"]) == (
+        2.0, 4, 8)  # fmt: skip
+    assert (o["model.data.video_max_frame_pixels"], o["model.data.video_min_frame_pixels"]) == (1304576, 200704)
+    assert not any("base_interval" in note for note in qwen.notes)  # mapped, not inert
+    cfg = load_config(None, qwen.args())  # every override is a key of conf/neva_config.yaml
+    assert VideoSampling.from_config(cfg.model.data) == VideoSampling(2.0, 4, 8, 1304576, 200704)
