@@ -205,18 +205,22 @@ class PackedNevaDataset(Dataset):
         return len(self.plan.bins)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        members = self.plan.bins[index]
-        items = [self.base[i] for i in members]
-        packed = pack_sequences([(item["input_ids"], item["labels"]) for item in items])
-        return {
-            "input_ids": packed.input_ids,
-            "labels": packed.labels,
-            "position_ids": packed.position_ids,
-            "cu_seqlens": packed.cu_seqlens,
-            **{key: torch.cat([item[key] for item in items]) for key in IMAGE_KEYS if key != "image_sizes"},
-            "image_sizes": media_sizes([item["image_sizes"] for item in items]),
-            "id": ",".join(str(item["id"]) for item in items),
-        }
+        return pack_samples([self.base[i] for i in self.plan.bins[index]])
+
+
+def pack_samples(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several samples of ``NevaDataset`` as one packed sample: their tokens end to end (``cu_seqlens`` marks the
+    starts), their media concatenated in order."""
+    packed = pack_sequences([(item["input_ids"], item["labels"]) for item in items])
+    return {
+        "input_ids": packed.input_ids,
+        "labels": packed.labels,
+        "position_ids": packed.position_ids,
+        "cu_seqlens": packed.cu_seqlens,
+        **{key: torch.cat([item[key] for item in items]) for key in IMAGE_KEYS if key != "image_sizes"},
+        "image_sizes": media_sizes([item["image_sizes"] for item in items]),
+        "id": ",".join(str(item["id"]) for item in items),
+    }
 
 
 #: The per-image batch keys (``ImageBatch.fields``): views, tiles per image, sizes, embeddings per image. A video is

@@ -17,8 +17,7 @@ from dist_helpers import in_process_distributed, run_distributed
 from neva_tiny import IMAGE, LLM, PATCH, VOCAB, vision_config
 
 from neva_tools.data.anyres import ImageLayout, parse_pinpoints
-from neva_tools.data.dataset import collate
-from neva_tools.data.packing import pack_sequences
+from neva_tools.data.dataset import collate, pack_samples
 from neva_tools.data.templates import IMAGE_TOKEN_INDEX
 from neva_tools.errors import NevaError
 from neva_tools.model.merge import pack_image_features
@@ -179,14 +178,6 @@ def _samples(layout: ImageLayout) -> list[dict]:
             _item(3, 12, [0, 5], [(50, 50), (20, 40)], layout), _item(4, 10, [2], [(50, 50)], layout)]  # fmt: skip
 
 
-def _packed(samples: list[dict]) -> dict:
-    packed = pack_sequences([(s["input_ids"], s["labels"]) for s in samples])
-    keys = ("images", "num_image_tiles", "image_sizes", "image_tokens")
-    return {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids,
-            "cu_seqlens": packed.cu_seqlens, **{k: torch.cat([s[k] for s in samples]) for k in keys},
-            "id": "+".join(s["id"] for s in samples)}  # fmt: skip
-
-
 def _loss_and_grads(model: Any, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
     from neva_tools.train.module import llava_loss
 
@@ -204,7 +195,7 @@ def test_packed_mixed_tiles_equal_unpacked(dist: None, merge: str) -> None:
     samples = _samples(layout)
     assert len({int(s["num_image_tiles"].sum()) for s in samples}) >= 3  # mixed tile counts
     unpacked = collate(samples)
-    packed = collate([_packed(samples[:2]), _packed(samples[2:])])
+    packed = collate([pack_samples(samples[:2]), pack_samples(samples[2:])])
     loss_u, grads_u = _loss_and_grads(model, unpacked)
     loss_p, grads_p = _loss_and_grads(model, packed)
     assert loss_p == pytest.approx(loss_u, abs=1e-5)
@@ -230,7 +221,7 @@ def anyres_tp_steps(rank: int, world_size: int, steps: int) -> dict[str, Any]:
         model = _build(layout, tp=world_size, train=True)
         optimizer = build_optimizer(model, OptimSettings(lr=1e-3))
         samples = _samples(layout)
-        batch = collate([_packed(samples[:2]), _packed(samples[2:])])
+        batch = collate([pack_samples(samples[:2]), pack_samples(samples[2:])])
         losses = []
         for _ in range(steps):
             optimizer.zero_grad()

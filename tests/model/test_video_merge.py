@@ -17,8 +17,7 @@ from dist_helpers import run_distributed
 from neva_tiny import IMAGE, LLM, PATCH, VOCAB, vision_config
 
 from neva_tools.data.anyres import ImageLayout, parse_pinpoints
-from neva_tools.data.dataset import collate, media_sizes
-from neva_tools.data.packing import pack_sequences
+from neva_tools.data.dataset import collate, pack_samples
 from neva_tools.data.templates import IMAGE_TOKEN_INDEX
 from neva_tools.data.video import clip_tokens
 from neva_tools.model.merge import pack_image_features, pack_video_features
@@ -117,15 +116,6 @@ def _samples(layout: ImageLayout | None) -> list[dict]:
             _item(4, 12, [1, 5], layout), _item(5, 10, [2], layout, frames=2)]  # fmt: skip
 
 
-def _packed(samples: list[dict]) -> dict:
-    packed = pack_sequences([(s["input_ids"], s["labels"]) for s in samples])
-    keys = ("images", "num_image_tiles", "image_tokens")
-    return {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids,
-            "cu_seqlens": packed.cu_seqlens, **{k: torch.cat([s[k] for s in samples]) for k in keys},
-            "image_sizes": media_sizes([s["image_sizes"] for s in samples]),
-            "id": "+".join(s["id"] for s in samples)}  # fmt: skip
-
-
 def _loss_and_grads(model: Any, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
     from neva_tools.train.module import llava_loss
 
@@ -143,7 +133,7 @@ def test_packed_mixed_media_equal_unpacked(dist: None, merge: str) -> None:
     samples = _samples(layout)
     unpacked = collate(samples)
     assert unpacked["image_sizes"].shape == (5, 3) and unpacked["image_sizes"][:, 2].tolist() == [1, 0, 0, 0, 1]
-    packed = collate([_packed(samples[:2]), _packed(samples[2:])])
+    packed = collate([pack_samples(samples[:2]), pack_samples(samples[2:])])
     loss_u, grads_u = _loss_and_grads(model, unpacked)
     loss_p, grads_p = _loss_and_grads(model, packed)
     assert loss_p == pytest.approx(loss_u, abs=1e-5)
@@ -166,7 +156,7 @@ def video_tp_steps(rank: int, world_size: int, steps: int) -> dict[str, Any]:
         model = _build(layout, tp=world_size, train=True)
         optimizer = build_optimizer(model, OptimSettings(lr=1e-3))
         samples = _samples(layout)
-        batch = collate([_packed(samples[:2]), _packed(samples[2:])])
+        batch = collate([pack_samples(samples[:2]), pack_samples(samples[2:])])
         losses = []
         for _ in range(steps):
             optimizer.zero_grad()
