@@ -60,6 +60,21 @@ def batch() -> dict[str, torch.Tensor]:
             "position_ids": torch.arange(12).expand(2, 12)}  # fmt: skip
 
 
+def samples(count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` single-image samples of 12 tokens (the image second, 10 supervised labels), seeded: the first ``n``
+    are the same whatever ``count``."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, VOCAB, (12,), generator=g)
+        ids[1] = -200  # IMAGE_TOKEN_INDEX
+        labels = torch.randint(3, VOCAB, (12,), generator=g)
+        labels[:2] = -100
+        out.append({"images": torch.randn(3, IMAGE, IMAGE, generator=g), "input_ids": ids, "labels": labels,
+                    "position_ids": torch.arange(12)})  # fmt: skip
+    return out
+
+
 def loss_of(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
     loss_mask = (b["labels"] != -100).float()
     labels = b["labels"].clamp(min=0)

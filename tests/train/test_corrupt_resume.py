@@ -41,7 +41,7 @@ def train(rank: int, world_size: int, steps: int, root: str, every: int, logs: s
     import io
 
     import torch
-    from neva_tiny import IMAGE, VOCAB, build
+    from neva_tiny import build, samples
     from torch.utils.data import DataLoader
 
     from neva_tools.train.fit import PeriodicCheckpoint, TrainerSettings, consumed_samples, make_trainer
@@ -67,15 +67,7 @@ def train(rank: int, world_size: int, steps: int, root: str, every: int, logs: s
             return Full(path, mode) if mode == "wb" else open(path, mode)
 
         checkpoint.open = full_open  # type: ignore[attr-defined]
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(32):
-        ids = torch.randint(3, VOCAB, (12,), generator=g)
-        ids[1] = -200
-        labels = torch.randint(3, VOCAB, (12,), generator=g)
-        labels[:2] = -100
-        data.append({"images": torch.randn(3, IMAGE, IMAGE, generator=g), "input_ids": ids, "labels": labels,
-                     "position_ids": torch.arange(12)})  # fmt: skip
+    data = samples(32)
     root_path = Path(root)
     try:
         start = resume_checkpoint(_cfg(), root_path)

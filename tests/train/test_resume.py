@@ -19,7 +19,7 @@ def run(rank: int, world_size: int, tp: int, steps: int, root: str, resume: bool
     """Train the tiny NeVA on distinct random batches for ``steps`` steps; optionally resume from the latest
     checkpoint (``resume=True``) or from a given one (a path). Returns rank 0's losses, the step and its weights."""
     import torch
-    from neva_tiny import IMAGE, VOCAB, build
+    from neva_tiny import build, samples
     from torch.utils.data import DataLoader
 
     from neva_tools.train import checkpoint as ckpt
@@ -28,15 +28,7 @@ def run(rank: int, world_size: int, tp: int, steps: int, root: str, resume: bool
     from neva_tools.train.optim import OptimSettings
     from neva_tools.train.sampler import ResumableSampler
 
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(64):  # every sample has 10 supervised tokens: any split of a global batch gives the same gradient
-        ids = torch.randint(3, VOCAB, (12,), generator=g)
-        ids[1] = -200
-        labels = torch.randint(3, VOCAB, (12,), generator=g)
-        labels[:2] = -100
-        data.append({"images": torch.randn(3, IMAGE, IMAGE, generator=g), "input_ids": ids, "labels": labels,
-                     "position_ids": torch.arange(12)})  # fmt: skip
+    data = samples(64)  # every sample has 10 supervised tokens: any split of a global batch gives the same gradient
     root_path = Path(root)
     if isinstance(resume, str):
         start: Path | None = Path(resume)
