@@ -13,12 +13,16 @@ Usage from a test module (pytest runs with ``--import-mode=importlib``, so put t
 
     results = run_distributed(_tp2_logits, 2, 1234)  # [rank 0's return value, rank 1's]
 
-How it works: each rank is a fresh ``python dist_helpers.py <job> <rank>`` process (not fork/spawn of pytest), with
-torchrun's variables set (``MASTER_ADDR=127.0.0.1``, a free ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``). The child loads ``fn``'s source file by path and looks ``fn`` up by its qualified name, so ``fn``
-must be defined at module level; ``args`` and return values travel by pickle, so use plain types and tensors (not
-classes defined in the test file). A failing rank makes ``run_distributed`` raise ``DistributedRunError`` with that
-rank's traceback and output; the other ranks are then stopped. A port clash is retried with a new port.
+How it works: each rank is a process forked from a ``multiprocessing`` fork server that imported torch,
+megatron-core, Lightning and open_clip once (:data:`_PRELOAD`; those imports cost every fresh rank seconds, about
+half the suite's time), then given its own session, output file and environment as a fresh process would have
+them; ``NEVA_TEST_NO_FORKSERVER=1`` makes each rank a fresh ``python dist_helpers.py <job> <rank>`` process instead.
+Either way a rank is not a fork of pytest, and has torchrun's variables set (``MASTER_ADDR=127.0.0.1``, a free
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). The child loads ``fn``'s source file by path and looks
+``fn`` up by its qualified name, so ``fn`` must be defined at module level; ``args`` and return values travel by
+pickle, so use plain types and tensors (not classes defined in the test file). A failing rank makes
+``run_distributed`` raise ``DistributedRunError`` with that rank's traceback and output; the other ranks are then
+stopped. A port clash is retried with a new port.
 
 For single-process tests, ``in_process_distributed()`` gives this process a world-size-1 megatron parallel state
 (no port, launcher variables hidden) and tears it down afterwards; use it in a module-scoped fixture.
@@ -26,9 +30,11 @@ For single-process tests, ``in_process_distributed()`` gives this process a worl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import inspect
+import multiprocessing
 import os
 import pickle
 import signal
@@ -43,6 +49,18 @@ from pathlib import Path
 from typing import Any
 
 _PORT_CLASH = ("EADDRINUSE", "address already in use")
+#: Imported once by the fork server the ranks are forked from (what every rank imports; seconds each, see below).
+_PRELOAD = (
+    "torch",
+    "torch.distributed",
+    "pytorch_lightning",
+    "megatron.core",
+    "megatron.core.optimizer",
+    "megatron.core.models.multimodal.llava_model",
+    "megatron.core.dist_checkpointing",
+    "open_clip",
+)
+_FORKSERVER: Any = None
 _GRACE_SECONDS = 10.0  # how long the other ranks get to finish after one rank fails
 
 
@@ -131,32 +149,23 @@ def _launch(job: Path, workdir: Path, world_size: int, timeout: float, extra_env
     for pattern in ("result_*", "error_*"):
         for stale in workdir.glob(pattern):
             stale.unlink()
-    procs: list[subprocess.Popen[bytes]] = []
     logs = [workdir / f"log_{rank}.txt" for rank in range(world_size)]
+    procs: list[_Rank] = []
     try:
         for rank in range(world_size):
-            with open(logs[rank], "wb") as log:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, str(Path(__file__).resolve()), str(job), str(rank)],
-                        env=_child_env(rank, world_size, port, extra_env),
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            procs.append(_start_rank(job, rank, logs[rank], _child_env(rank, world_size, port, extra_env)))
         deadline = time.monotonic() + timeout
         failed_at: float | None = None
-        while any(p.poll() is None for p in procs):
+        while None in (codes := [p.poll() for p in procs]):  # every rank polled (``any`` would stop at the first)
             now = time.monotonic()
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            if failed_at is None and any(code not in (None, 0) for code in codes):
                 failed_at = now
             if now > deadline or (failed_at is not None and now - failed_at > _GRACE_SECONDS):
                 break
             time.sleep(0.05)
     finally:
         for proc in procs:
-            _stop(proc)
+            proc.stop()
 
     codes = [p.returncode for p in procs]
     if all(code == 0 for code in codes):
@@ -173,13 +182,83 @@ def _launch(job: Path, workdir: Path, world_size: int, timeout: float, extra_env
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Kill ``proc`` and its process group (started with ``start_new_session``) if it is still running."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+class _Rank:
+    """One rank's process: forked from the fork server (``multiprocessing.Process``) or a plain ``Popen``."""
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    @property
+    def returncode(self) -> int | None:
+        if isinstance(self.proc, subprocess.Popen):
+            return self.proc.returncode
+        return self.proc.exitcode
+
+    def poll(self) -> int | None:
+        return self.proc.poll() if isinstance(self.proc, subprocess.Popen) else self.proc.exitcode
+
+    def stop(self) -> None:
+        """Kill the rank and its process group (its own session) if it is still running; wait for it."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.proc.pid, signal.SIGKILL)  # killed before its setsid
+        if isinstance(self.proc, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        else:
+            self.proc.join(timeout=10)
+
+
+def _forkserver() -> Any:
+    """The ``multiprocessing`` context whose server process imported :data:`_PRELOAD` once; ``None`` where there
+    is no fork server (not POSIX) or ``NEVA_TEST_NO_FORKSERVER`` is set."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        if os.environ.get("NEVA_TEST_NO_FORKSERVER") or "forkserver" not in multiprocessing.get_all_start_methods():
+            _FORKSERVER = False
+        else:
+            _FORKSERVER = multiprocessing.get_context("forkserver")
+            _FORKSERVER.set_forkserver_preload(list(_PRELOAD))
+    return _FORKSERVER or None
+
+
+def _start_rank(job: Path, rank: int, log: Path, env: dict[str, str]) -> _Rank:
+    """Start one rank: forked from the fork server (the imports of :data:`_PRELOAD` already done: a rank's start
+    costs a fork, not seconds of imports), else a fresh ``python dist_helpers.py JOB RANK``."""
+    ctx = _forkserver()
+    if ctx is not None:
+        proc = ctx.Process(target=_forked_rank, args=(str(job), rank, str(log), env), daemon=False)
+        proc.start()
+        return _Rank(proc)
+    with open(log, "wb") as out:
+        return _Rank(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(job), str(rank)], env=env,
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+
+
+def _forked_rank(job_path: str, rank: int, log: str, env: dict[str, str]) -> None:
+    """A forked rank: its own session, output and environment as a fresh process would have them, then
+    :func:`_child_main`; exit handlers run and the process exits with its status."""
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # read from the environment at import time otherwise
+    code = 1
+    try:
+        code = _child_main(job_path, rank)
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 @contextlib.contextmanager
