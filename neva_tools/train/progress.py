@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,17 +25,9 @@ from typing import Any, TextIO
 import pytorch_lightning as pl
 
 from neva_tools.train.summary import count, duration
+from neva_tools.utils.progress_log import is_terminal
 
 logger = logging.getLogger(__name__)
-
-
-def is_terminal(stream: TextIO) -> bool:
-    """Whether ``stream`` is a terminal a bar can be drawn on (a TTY with a width; a pseudo-terminal of width 0, as
-    some launchers give, would show nothing)."""
-    try:
-        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
-    except (AttributeError, OSError, ValueError):
-        return False
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from neva_tools.utils import progress_log
+
 _PROGRESS_ENABLED = True
 OURS = ("neva_tools", "__main__")  #: this project's loggers (and those of its scripts, run as ``__main__``)
 REPORT_DIR_VAR = "NEVA_REPORT_DIR"  #: where the ranks of a job claim the printing of an error (set by the launcher)
@@ -319,7 +321,10 @@ def first_to_report(what: str = "error", *, wait_s: float = 1.0) -> bool:
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar on rank 0 when progress is enabled; a silent pass-through elsewhere."""
+    """Progress on rank 0 when it is enabled, a silent pass-through elsewhere: a tqdm bar on a terminal (or on the
+    ``file`` given), plain log lines when stderr is not one (:mod:`neva_tools.utils.progress_log`)."""
     off = kwargs.pop("disable", False)  # popped first: never passed to tqdm twice
     disable = not _PROGRESS_ENABLED or global_rank() != 0 or off
+    if not disable and "file" not in kwargs and not progress_log.is_terminal(sys.stderr):
+        return tqdm(iterable, **progress_log.line_kwargs(iterable, kwargs))
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
