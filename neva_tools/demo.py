@@ -1,11 +1,14 @@
 """The end-to-end demo: the whole NeVA pipeline on a laptop CPU, with nothing downloaded.
 
-1. a synthetic visual-QA dataset of coloured shapes (captions for stage 1, questions for stage 2, held out);
+1. a synthetic visual-QA dataset of coloured shapes (captions for stage 1, questions for stage 2, held out), the
+   stage-2 questions joined by multiple-choice ones in MMBench's prompt format (``mc_share`` of them, 20%);
 2. a sentencepiece tokenizer trained on its text, extended with NeVA's special tokens;
 3. a tiny random LLaMA in Hugging Face format → ``neva convert hf-to-nemo`` → ``neva repartition --tp 2``;
 4. a tiny random open_clip CLIP;
 5. stage 1 (projector only) and stage 2 (LLM + projector) with TP=2 on two CPU processes (torchrun);
-6. held-out accuracy by answer likelihood, printed next to chance.
+6. held-out accuracy by answer likelihood, printed next to chance;
+7. the held-out questions as an MMBench-layout TSV, asked as ``neva eval --benchmark mmbench`` does (CircularEval
+   and plain; :mod:`neva_tools.demo_mmbench`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 
+from neva_tools import demo_mmbench
 from neva_tools.data import synthetic
 
 logger = logging.getLogger(__name__)
@@ -30,6 +34,8 @@ CLIP_CFG = {
     "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
 }  # fmt: skip
 CANDIDATES = {"colour": list(synthetic.COLOURS), "shape": list(synthetic.SHAPES), "position": list(synthetic.POSITIONS)}
+#: The demo tokenizer's size (256 of it byte-fallback pieces, so few merges: most words are split into letters).
+VOCAB = 320
 
 
 def neva(*args: str) -> None:
@@ -56,6 +62,13 @@ def build_llm(out: Path, tokenizer: Path, vocab: int, hidden: int = 128, layers:
     return out
 
 
+def sentencepiece_size(path: Path) -> int:
+    """The number of pieces of a sentencepiece model."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+
+
 def build_clip(out: Path, image_size: int = 32) -> Path:
     """A tiny random open_clip CLIP in open_clip's ``local-dir`` layout."""
     import open_clip
@@ -69,17 +82,22 @@ def build_clip(out: Path, image_size: int = 32) -> Path:
     return out
 
 
-def prepare(out: Path, *, train: int, heldout: int, image_size: int = 32) -> dict[str, Any]:
-    """Steps 1–4: data, tokenizer, LLM .nemo at TP=2, CLIP."""
+def prepare(out: Path, *, train: int, heldout: int, image_size: int = 32,
+            mc_share: float = demo_mmbench.MC_SHARE) -> dict[str, Any]:  # fmt: skip
+    """Steps 1–4: data (``mc_share`` of the stage-2 records multiple-choice), tokenizer, LLM .nemo at TP=2, CLIP."""
     data = synthetic.make_dataset(out / "data", train=train, heldout=heldout, size=image_size)
     paths: dict[str, Any] = dict(data)
+    records = json.loads(Path(data["finetune"]).read_text())
+    records += demo_mmbench.mc_records(records, CANDIDATES, mc_share)
+    Path(data["finetune"]).write_text(json.dumps(records, indent=1))
     text = out / "corpus.txt"
-    text.write_text("\n".join(synthetic.corpus()) + "\n")
-    neva("tokenizer", "train", "--input", str(text), "--output", str(out / "tokenizer.model"), "--vocab-size", "320",
-         "--overwrite")  # fmt: skip
+    mc_text = demo_mmbench.corpus(CANDIDATES) if mc_share > 0 else []
+    text.write_text("\n".join(synthetic.corpus() + mc_text) + "\n")
+    neva("tokenizer", "train", "--input", str(text), "--output", str(out / "tokenizer.model"),
+         "--vocab-size", str(VOCAB), "--overwrite")  # fmt: skip
     neva("tokenizer", "add-tokens", "--input", str(out / "tokenizer.model"), "--output",
          str(out / "tokenizer_neva.model"), "--preset", "neva", "--tp", "2", "--overwrite")  # fmt: skip
-    build_llm(out / "llm_hf", out / "tokenizer_neva.model", vocab=328)
+    build_llm(out / "llm_hf", out / "tokenizer_neva.model", vocab=sentencepiece_size(out / "tokenizer_neva.model"))
     neva("convert", "hf-to-nemo", "--input", str(out / "llm_hf"), "--output", str(out / "llm.nemo"), "--overwrite")
     neva("repartition", "--input", str(out / "llm.nemo"), "--output", str(out / "llm_tp2.nemo"), "--tp", "2",
          "--overwrite")  # fmt: skip
@@ -172,8 +190,8 @@ def evaluate(final: Path, clip: Path, heldout: Path, images: Path, template: str
 
 
 def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 100, stage2_steps: int = 700,
-        nproc: int = 2, image_size: int = 64) -> dict[str, Any]:  # fmt: skip
-    """The whole demo; returns the accuracy report (also written to ``out/eval.json``).
+        nproc: int = 2, image_size: int = 64, mc_share: float = demo_mmbench.MC_SHARE) -> dict[str, Any]:  # fmt: skip
+    """The whole demo; returns the accuracy report and the MMBench summary (also written to ``out/eval.json``).
 
     Both stages run ``recipes/tiny_cpu/`` (the hyperparameters live there); only this run's paths, step counts and
     the global batch of ``nproc`` processes (micro batch × DP, DP = ``nproc`` / TP 2) are given on the command line.
@@ -184,7 +202,7 @@ def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu"
     recipe1, recipe2 = recipes / "stage1_pretrain.yaml", recipes / "stage2_finetune.yaml"
     cfg1, cfg2 = load_config(recipe1), load_config(recipe2)
-    paths = prepare(out, train=train, heldout=heldout, image_size=image_size)
+    paths = prepare(out, train=train, heldout=heldout, image_size=image_size, mc_share=mc_share)
     runs, m = out / "runs", cfg1.model
     batch = m.micro_batch_size * nproc // m.tensor_model_parallel_size  # micro batch × DP
     common = [f"exp_manager.exp_dir={runs}", f"model.mm_cfg.llm.from_pretrained={paths['llm']}",
@@ -193,14 +211,19 @@ def run(out: Path, *, train: int = 1200, heldout: int = 60, stage1_steps: int = 
     train_stage(nproc, [str(recipe1), *common, f"model.data.data_path={paths['pretrain']}",
                         f"trainer.max_steps={stage1_steps}"])  # fmt: skip
     stage1 = runs / cfg1.name / f"{cfg1.name}.nemo"
+    mc_length = [f"model.data.max_seq_length={demo_mmbench.MC_MAX_SEQ_LENGTH}"] if mc_share > 0 else []
     warmup = min(int(cfg2.model.optim.sched.warmup_steps), stage2_steps // 10)
     train_stage(nproc, [str(recipe2), *common, f"model.data.data_path={paths['finetune']}",
                         f"model.mm_cfg.pretrain_mm_mlp_adapter={stage1}", f"trainer.max_steps={stage2_steps}",
-                        f"model.optim.sched.warmup_steps={warmup}"])  # fmt: skip
+                        f"model.optim.sched.warmup_steps={warmup}", *mc_length])  # fmt: skip
     final = runs / cfg2.name / f"{cfg2.name}.nemo"
-    report = evaluate(final, paths["clip"], paths["heldout"], paths["images"], cfg2.model.data.conv_template)
+    template = cfg2.model.data.conv_template
+    report = evaluate(final, paths["clip"], paths["heldout"], paths["images"], template)
+    tsv = demo_mmbench.write_tsv(paths["heldout"].with_name("heldout_mmbench.tsv"),
+                                 demo_mmbench.mmbench_rows(paths["heldout"], paths["images"], CANDIDATES))  # fmt: skip
+    mmbench = demo_mmbench.evaluate(final, paths["clip"], tsv, out / "mmbench", template)
     logs = runs / cfg2.name / "logs"
-    result = {"eval": report, "final_nemo": str(final), "logs": str(logs), "loss_png": str(logs / "loss.png"),
-              "seconds": round(time.time() - start)}  # fmt: skip
+    result = {"eval": report, "mmbench": mmbench, "final_nemo": str(final), "logs": str(logs),
+              "loss_png": str(logs / "loss.png"), "seconds": round(time.time() - start)}  # fmt: skip
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
