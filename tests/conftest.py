@@ -1,11 +1,8 @@
-"""Shared fixtures: tokenizers trained on generated text (no downloads); each test's logging set-up undone after it."""
+"""Shared fixtures: tokenizers trained on generated text (no downloads)."""
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,32 +10,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from builders import TINY_LLMS, build_tiny_llm, caption_corpus
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """Undo what a test's in-process ``neva`` command set (``setup_logging``: the root handler, logger levels and
-    propagation, handlers' filters, ``warnings.showwarning``, progress on or off), so the next test sees the logging
-    it started with."""
-    from neva_tools.utils import log
-
-    loggers = [logging.root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    saved = [(lg, lg.level, lg.propagate, list(lg.handlers), list(lg.filters), lg.disabled) for lg in loggers]
-    handlers = {h for lg in loggers for h in lg.handlers}  # pytest's own among them: they outlive the test
-    handler_state = [(h, h.level, list(h.filters)) for h in handlers]
-    showwarning, enabled = warnings.showwarning, log._PROGRESS_ENABLED
-    yield
-    for h, level, filters in handler_state:
-        h.setLevel(level)
-        h.filters = filters
-    known = {id(lg) for lg in loggers}
-    for lg in [v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger)]:
-        if id(lg) not in known:  # made during the test: as a new logger is
-            saved.append((lg, logging.NOTSET, True, [], [], False))
-    for lg, level, propagate, handlers, filters, disabled in saved:
-        lg.setLevel(level)
-        lg.propagate, lg.handlers, lg.filters, lg.disabled = propagate, handlers, filters, disabled
-    warnings.showwarning, log._PROGRESS_ENABLED = showwarning, enabled
 
 
 @pytest.fixture(scope="session")

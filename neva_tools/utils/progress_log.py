@@ -5,7 +5,7 @@ A tqdm bar written to a file leaves one long line of carriage-return-joined redr
 and :data:`EVERY_S` as both its refresh interval and its delay: work that ends within that time logs nothing; longer
 work logs a line every :data:`EVERY_S` seconds and one when it ends::
 
-    INFO: MMBench: 320/660 (48%) | 12.1q/s | elapsed 0:00:30 | ETA 0:00:28
+    INFO: MMBench: 320/660 (48%) | 10.7q/s | elapsed 00:30 | ETA 00:33
 """
 
 from __future__ import annotations

@@ -17,7 +17,14 @@ import pytest
 
 from neva_tools.cli.main import build_parser, main
 from neva_tools.utils import launch
-from neva_tools.utils.log import QUIET_WARNINGS, LogPolicy, first_to_report, is_quiet_warning, module_name
+from neva_tools.utils.log import (
+    QUIET_WARNINGS,
+    LogPolicy,
+    first_to_report,
+    is_quiet_warning,
+    module_name,
+    setup_logging,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "NEVA_REPORT_DIR",
@@ -158,7 +165,10 @@ def test_output_flags_add_up_across_levels() -> None:
 def test_quiet_data_validate_prints_the_result_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     records = [{"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
     (tmp_path / "d.json").write_text(json.dumps(records))
-    assert main(["-q", "data", "validate", str(tmp_path / "d.json"), "--no-decode"]) == 0
+    try:
+        assert main(["-q", "data", "validate", str(tmp_path / "d.json"), "--no-decode"]) == 0
+    finally:
+        setup_logging(0)  # as a plain command leaves it: -q's ERROR policy would hide later tests' records
     captured = capsys.readouterr()
     assert captured.out.strip() and captured.err == ""
 

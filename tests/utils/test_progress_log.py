@@ -5,25 +5,43 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from neva_tools.utils import log, progress_log
 
 
+class Lines(logging.Handler):
+    """The messages logged to the progress logger (a handler of its own: the root's set-up, which an in-process
+    ``neva -q`` of another test may have left filtering, does not matter)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture
-def lines(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+def lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lines]:
     monkeypatch.setattr(log, "_PROGRESS_ENABLED", True)
     monkeypatch.setattr(progress_log, "is_terminal", lambda stream: False)
-    caplog.set_level(logging.INFO, logger=progress_log.logger.name)
-    return caplog
+    handler, logger = Lines(), progress_log.logger
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
-def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == progress_log.logger.name]
+def messages(lines: Lines) -> list[str]:
+    return lines.messages
 
 
-def test_long_work_logs_lines_with_counts_rate_and_eta(lines: pytest.LogCaptureFixture,
+def test_long_work_logs_lines_with_counts_rate_and_eta(lines: Lines,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setattr(progress_log, "EVERY_S", 0.05)
     for _ in log.progress(range(6), desc="MMBench", unit="q"):
@@ -35,7 +53,7 @@ def test_long_work_logs_lines_with_counts_rate_and_eta(lines: pytest.LogCaptureF
     assert "  " not in "".join(got)
 
 
-def test_unknown_total_and_scaled_units(lines: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_total_and_scaled_units(lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_log, "EVERY_S", 0.05)
     with log.progress(desc="tokenizing a.jsonl", unit=" lines") as bar:
         for _ in range(3):
@@ -50,12 +68,12 @@ def test_unknown_total_and_scaled_units(lines: pytest.LogCaptureFixture, monkeyp
     assert got[-1].startswith("repartition: 3.15M/3.15M (100%) | ") and "B/s" in got[-1]
 
 
-def test_short_work_logs_nothing(lines: pytest.LogCaptureFixture) -> None:
+def test_short_work_logs_nothing(lines: Lines) -> None:
     assert sum(log.progress(range(100), desc="quick")) == 4950
     assert messages(lines) == []
 
 
-def test_off_when_disabled(lines: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_when_disabled(lines: Lines, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress_log, "EVERY_S", 0.0)
     monkeypatch.setattr(log, "_PROGRESS_ENABLED", False)  # -q, --no-progress, NEVA_NO_PROGRESS
     list(log.progress(range(3), desc="off"))
@@ -63,7 +81,7 @@ def test_off_when_disabled(lines: pytest.LogCaptureFixture, monkeypatch: pytest.
     assert messages(lines) == []
 
 
-def test_a_terminal_or_a_given_file_gets_the_bar(lines: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+def test_a_terminal_or_a_given_file_gets_the_bar(lines: Lines, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     import io
 
