@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from neva_tools.checkpoint.results_queue import adopt_results_queue
 from neva_tools.checkpoint.safe_dist import refusals_unwrapped
 
 _LAYER_RE = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
@@ -78,6 +79,7 @@ def save_full(tensors: Iterable[tuple[str, torch.Tensor]], num_layers: int, dire
     from megatron.core import dist_checkpointing
 
     with single_process_group():
+        adopt_results_queue()  # its server dies with this process, however the process dies
         dist_checkpointing.save(sharded_tensors(tensors, num_layers), str(directory))
 
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from neva_tools.checkpoint.results_queue import adopt_results_queue
+
 MODEL_PREFIX = "model."  # the LightningModule attribute that holds the megatron-core model
 
 #: The distributed optimizer's checkpoint layout (megatron-core ``DistributedOptimizer.sharded_state_dict``):
@@ -135,6 +137,7 @@ def save(directory: str | Path, model: torch.nn.Module, optimizer: Any, common: 
     if optimizer is not None:
         sharded["optimizer"] = _optimizer_request(optimizer, request, is_loading=False)
     sharded["common"] = common
+    adopt_results_queue()  # its server dies with this rank, however the rank dies
     try:
         with _common_save_shared():
             dist_checkpointing.save(sharded, str(directory))

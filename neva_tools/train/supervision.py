@@ -22,8 +22,6 @@ for ``*.nemo`` and ``checkpoints/step=N`` only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -39,12 +37,12 @@ from datetime import datetime
 from pathlib import Path
 
 from neva_tools.errors import NevaError
+from neva_tools.utils.parent_death import set_pdeathsig
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER_PID_VAR = "NEVA_LAUNCHER_PID"  # set by scripts/train.sh: the pid of the torchrun it exec's
 LOCK_NAME = ".lock"
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _armed: str | None = None  # how this process is tied to its launcher, once it is
 
 
@@ -106,20 +104,6 @@ def _is_ancestor(pid: int) -> bool:
     return False
 
 
-def _set_pdeathsig(sig: int) -> bool:
-    """``prctl(PR_SET_PDEATHSIG, sig)``; False where it is not available (not Linux) or fails."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
-            return True
-        logger.debug("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError) as exc:
-        logger.debug("prctl is not available: %s", exc)
-    return False
-
-
 def _die(sig: int, why: str) -> None:
     """End this process now with ``sig`` (as the parent-death signal would), no clean-up, no more writes."""
     with contextlib.suppress(Exception):
@@ -151,7 +135,7 @@ def die_with_launcher(sig: int = signal.SIGKILL, *, use_prctl: bool = True, inte
     launcher = os.environ.get(LAUNCHER_PID_VAR, "")
     if launcher.isdigit() and not _is_ancestor(int(launcher)):
         _die(sig, f"the launcher (pid {launcher}) ended before this rank started")
-    how = "prctl" if use_prctl and _set_pdeathsig(sig) else None
+    how = "prctl" if use_prctl and set_pdeathsig(sig) else None
     if how is None:
         threading.Thread(target=_watch_parent, args=(parent, sig, interval), name="neva-launcher-watchdog",
                          daemon=True).start()  # fmt: skip

@@ -1,5 +1,5 @@
 """An mmap dataset is checked against its index before it is counted or trained on
-(``neva_tools.data.mmap.check_index``): a ``.bin`` cut short or longer than the index says, an ``.idx`` cut short,
+(``neva_tools.data.mmap_index.check_index``): a ``.bin`` cut short or longer than the index says, an ``.idx`` cut short,
 sequences that do not follow each other, document boundaries that do not cover the sequences, and an empty dataset
 are each an error naming the file and both sizes, exit status 2 — where ``neva data count-tokens`` used to report
 the index's counts with exit status 0."""
@@ -147,10 +147,10 @@ def test_training_config_refuses_a_cut_bin(dataset: Path, tmp_path: Path,
 
 def test_check_reads_in_bounded_chunks(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequences are checked a chunk at a time; the tokens are the same, and the step across two chunks is checked."""
-    import neva_tools.data.mmap as mmap
+    import neva_tools.data.mmap_index as mmap_index
 
     whole = count_tokens(dataset).tokens
-    monkeypatch.setattr(mmap, "_CHECK_CHUNK", 4)
+    monkeypatch.setattr(mmap_index, "_CHECK_CHUNK", 4)
     assert count_tokens(dataset).tokens == whole
     prefix = _copy(dataset, tmp_path)
     raw, count, _ = _idx_arrays(prefix)

@@ -212,7 +212,8 @@ def latest_step(run: Path) -> int:
 
 def launch_and_kill(assets: dict[str, str], log: Path, *, group: bool) -> tuple[str, float]:
     """``scripts/train.sh 2`` on the tiny text job until it saves a new checkpoint; then SIGKILL the launcher's
-    process group (or only the torchrun pid) and wait for every rank to end. Returns (its output, seconds)."""
+    process group (or only the torchrun pid) and wait for every rank, and every process a rank started (megatron's
+    checkpoint results-queue manager among them), to end. Returns (its output, seconds)."""
     run = Path(assets["runs"]) / "tiny"
     before = latest_step(run)
     command = [str(TRAIN_SH), "2", str(RECIPE), "name=tiny", f"exp_manager.exp_dir={assets['runs']}",
@@ -223,12 +224,15 @@ def launch_and_kill(assets: dict[str, str], log: Path, *, group: bool) -> tuple[
         launcher = subprocess.Popen(command, env=plain_env(NEVA_PYTHON=sys.executable), stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     ranks: list[int] = []
+    helpers: list[int] = []
     try:
         import psutil
 
         wait_for(lambda: latest_step(run) > before, 120, "a new checkpoint", launcher, log)
         ranks = [p.pid for p in psutil.Process(launcher.pid).children() if "neva_tools" in " ".join(p.cmdline())]
         assert len(ranks) == 2, ranks
+        helpers = [c.pid for rank in ranks for c in psutil.Process(rank).children(recursive=True)]
+        assert helpers, "the ranks have started no process (a checkpoint's results-queue manager was expected)"
         if group:
             os.killpg(launcher.pid, signal.SIGKILL)
         else:
@@ -236,9 +240,11 @@ def launch_and_kill(assets: dict[str, str], log: Path, *, group: bool) -> tuple[
         launcher.wait()
         start = time.monotonic()
         wait_for(lambda: not any(pid_alive(pid) for pid in ranks), 15, f"ranks {ranks} to die with torchrun", log=log)
+        wait_for(lambda: not any(pid_alive(pid) for pid in helpers), 15, f"the ranks' processes {helpers} to die",
+                 log=log)  # fmt: skip
         return log.read_text(errors="replace"), time.monotonic() - start
     finally:
-        kill_all([launcher.pid, *ranks])
+        kill_all([launcher.pid, *ranks, *helpers])
         launcher.wait()
 
 
