@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from neva_tools.errors import NevaError
+from neva_tools.train.hf_flags import Flags, parse_bool, parse_flags
 
 #: Flags accepted with no effect here, and why.
 INERT = {
@@ -67,7 +68,6 @@ ONLY = {
 #: LLaVA's ``--version`` values whose template differs from ours of the same name: LLaVA's meaning → ours.
 LLAVA_VERSIONS: dict[str, str | None] = {"vicuna_v1": "v1", "llama_2": None}
 _TUNABLE = {"mm_language_model": "llm", "mm_vision_tower": "vision", "mm_mlp_adapter": "projector"}
-_TRUE, _FALSE = ("true", "t", "yes", "y", "1"), ("false", "f", "no", "n", "0")
 
 
 @dataclass
@@ -97,62 +97,9 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def parse_flags(argv: Sequence[str]) -> dict[str, str | None]:
-    """``--flag value`` / ``--flag=value`` / bare ``--flag`` (None) pairs; the last of a repeated flag wins."""
-    flags: dict[str, str | None] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise NevaError(f"unexpected argument {token!r}: LLaVA's flags are --name value or --name=value")
-        name, sep, value = token[2:].partition("=")
-        if not sep:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value, i = (argv[i + 1], i + 1) if has_value else (None, i)  # type: ignore[assignment]
-        flags[name.replace("-", "_")] = value
-        i += 1
-    return flags
-
-
-def _bool(name: str, value: str | None) -> bool:
-    if value is None:
-        return True
-    if value.strip().lower() in _TRUE:
-        return True
-    if value.strip().lower() in _FALSE:
-        return False
-    raise NevaError(f"--{name} {value!r} is not a boolean (True or False)")
-
-
-def _number(name: str, value: str | None, kind: type = float) -> Any:
-    try:
-        return kind(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise NevaError(f"--{name} {value!r} is not a{'n integer' if kind is int else ' number'}") from None
-
-
-class _Flags:
-    """The parsed flags; every flag read is consumed, what is left is unknown."""
-
-    def __init__(self, flags: dict[str, str | None]) -> None:
-        self.left = dict(flags)
-
-    def has(self, name: str) -> bool:
-        return name in self.left
-
-    def take(self, name: str, default: Any = None) -> Any:
-        return self.left.pop(name) if name in self.left else default
-
-    def flag(self, name: str, default: bool | None = None) -> bool | None:
-        return _bool(name, self.left.pop(name)) if name in self.left else default
-
-    def num(self, name: str, default: Any = None, kind: type = float) -> Any:
-        return _number(name, self.left.pop(name), kind) if name in self.left else default
-
-
 def translate(argv: Sequence[str]) -> Translation:
     """The ``neva train`` overrides for LLaVA's command line ``argv`` (see the module docstring)."""
-    flags = _Flags(parse_flags(argv))
+    flags = Flags(parse_flags(argv))
     world_size = flags.num("nproc", kind=int)  # this tool's flag: the processes of the job
     out = Translation()
     o = out.overrides
@@ -169,7 +116,7 @@ def translate(argv: Sequence[str]) -> Translation:
         if flags.has(name):
             raw = flags.take(name)
             boolean = allowed in ("true", "false")
-            if (_bool(name, raw) != (allowed == "true")) if boolean else str(raw).strip().lower() != allowed:
+            if (parse_bool(name, raw) != (allowed == "true")) if boolean else str(raw).strip().lower() != allowed:
                 raise NevaError(f"--{name} {raw} is not supported: {why}")
             out.inert.append(name)
     for name in list(flags.left):
@@ -185,7 +132,7 @@ def translate(argv: Sequence[str]) -> Translation:
     return out
 
 
-def _model(flags: _Flags, o: dict[str, Any]) -> None:
+def _model(flags: Flags, o: dict[str, Any]) -> None:
     path = flags.take("model_name_or_path")
     if path is None:
         raise NevaError("--model_name_or_path is required: the LLM .nemo (neva convert hf-to-nemo)")
@@ -222,7 +169,7 @@ def _model(flags: _Flags, o: dict[str, Any]) -> None:
         o["model.mm_cfg.pretrain_mm_mlp_adapter"] = flags.take("pretrain_mm_mlp_adapter")
 
 
-def _template(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
+def _template(flags: Flags, o: dict[str, Any], notes: list[str]) -> None:
     from neva_tools.data.template_aliases import ALIASES
     from neva_tools.data.templates import TEMPLATES, get_template
 
@@ -243,7 +190,7 @@ def _template(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
     o["model.mm_cfg.llm.model_type"] = version
 
 
-def _data(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
+def _data(flags: Flags, o: dict[str, Any], notes: list[str]) -> None:
     from neva_tools.data.templates import LLAVA_IM_TOKENS
 
     path, names = flags.take("data_path"), flags.take("dataset_use")
@@ -290,14 +237,14 @@ VIDEO_FLAGS = {"video_folder": str, "frames_upbound": int, "base_interval": floa
                "video_max_frames": int, "video_max_frame_pixels": int, "video_min_frame_pixels": int}  # fmt: skip
 
 
-def _video(flags: _Flags, o: dict[str, Any]) -> None:
+def _video(flags: Flags, o: dict[str, Any]) -> None:
     """LLaVA-NeXT's ``--video_folder`` / ``--frames_upbound`` and Qwen-VL's frame sampling flags."""
     for name, kind in VIDEO_FLAGS.items():
         if flags.has(name):
             o[f"model.data.{name}"] = flags.take(name) if kind is str else flags.num(name, kind=kind)
 
 
-def _anyres(flags: _Flags, o: dict[str, Any]) -> None:
+def _anyres(flags: Flags, o: dict[str, Any]) -> None:
     """``--image_aspect_ratio``, ``--image_grid_pinpoints`` and ``--mm_patch_merge_type`` (LLaVA-NeXT's AnyRes)."""
     import ast
 
@@ -325,7 +272,7 @@ def _anyres(flags: _Flags, o: dict[str, Any]) -> None:
     o["model.mm_cfg.mm_patch_merge_type"] = merge
 
 
-def _trainable(flags: _Flags, o: dict[str, Any]) -> None:
+def _trainable(flags: Flags, o: dict[str, Any]) -> None:
     """Which parts train: LLaVA-NeXT's --mm_tunable_parts, Qwen-VL's --tune_mm_*, or LLaVA's older flags."""
     train = {"llm": True, "vision": False, "projector": True}  # LLaVA's default: the LLM and the projector
     qwen = {n: flags.flag(f"tune_mm_{q}") for n, q in (("llm", "llm"), ("vision", "vision"), ("projector", "mlp"))}
@@ -356,7 +303,7 @@ def _trainable(flags: _Flags, o: dict[str, Any]) -> None:
     o["model.mm_cfg.freeze_mm_mlp_adapter"] = not train["projector"]
 
 
-def _optim(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
+def _optim(flags: Flags, o: dict[str, Any], notes: list[str]) -> None:
     o["model.optim.lr"] = flags.num("learning_rate", 5e-5)
     o["model.optim.weight_decay"] = flags.num("weight_decay", 0.0)
     o["model.optim.betas"] = [flags.num("adam_beta1", 0.9), flags.num("adam_beta2", 0.999)]
@@ -386,7 +333,7 @@ def _optim(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
                      "use model.tensor_model_parallel_size)")  # fmt: skip
 
 
-def _length(flags: _Flags, o: dict[str, Any]) -> None:
+def _length(flags: Flags, o: dict[str, Any]) -> None:
     steps, epochs = flags.num("max_steps", -1, kind=int), flags.num("num_train_epochs", 3.0)
     if steps > 0:  # Hugging Face: max_steps overrides num_train_epochs
         o["trainer.max_steps"], o["trainer.max_epochs"] = steps, None
@@ -394,7 +341,7 @@ def _length(flags: _Flags, o: dict[str, Any]) -> None:
         o["trainer.max_steps"], o["trainer.max_epochs"] = -1, int(epochs) if float(epochs).is_integer() else epochs
 
 
-def _batch(flags: _Flags, o: dict[str, Any], world_size: int | None) -> None:
+def _batch(flags: Flags, o: dict[str, Any], world_size: int | None) -> None:
     micro = flags.num("per_device_train_batch_size", 8, kind=int)
     accumulate = flags.num("gradient_accumulation_steps", 1, kind=int)
     launched = os.environ.get("WORLD_SIZE")
@@ -408,7 +355,7 @@ def _batch(flags: _Flags, o: dict[str, Any], world_size: int | None) -> None:
     o["model.global_batch_size"] = micro * accumulate * world
 
 
-def _engine(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
+def _engine(flags: Flags, o: dict[str, Any], notes: list[str]) -> None:
     bf16, fp16 = flags.flag("bf16", False), flags.flag("fp16", False)
     if bf16 and fp16:
         raise NevaError("--bf16 and --fp16 are both true: choose one")
@@ -429,7 +376,7 @@ def _engine(flags: _Flags, o: dict[str, Any], notes: list[str]) -> None:
                      "sent to other services")  # fmt: skip
 
 
-def _run_dir(flags: _Flags, o: dict[str, Any], out: Translation) -> None:
+def _run_dir(flags: Flags, o: dict[str, Any], out: Translation) -> None:
     output, run_name = flags.take("output_dir"), flags.take("run_name")
     if output is None:
         raise NevaError("--output_dir is required: the run directory (checkpoints, logs, the final NAME.nemo)")

@@ -10,7 +10,7 @@ import pytest
 from neva_tools.config.load import load_config
 from neva_tools.data.video import VideoSampling
 from neva_tools.errors import NevaError
-from neva_tools.train.llava_flags import parse_flags, translate
+from neva_tools.train.llava_flags import translate
 from neva_tools.train.validate import check_config
 
 
@@ -26,13 +26,6 @@ def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 BASE = ["--model_name_or_path", "llm.nemo", "--vision_tower", "clip", "--version", "plain", "--data_path", "d.json",
         "--output_dir", "out/run"]  # fmt: skip
-
-
-def test_parse_flags_hf_style() -> None:
-    assert parse_flags(["--a", "1", "--b=x", "--bf16", "--c", "-2", "--d"]) == {"a": "1", "b": "x", "bf16": None,
-                                                                                  "c": "-2", "d": None}  # fmt: skip
-    with pytest.raises(NevaError, match="unexpected argument 'stray'"):
-        parse_flags(["stray"])
 
 
 def test_llava_defaults_and_run_directory(paths: Path) -> None:
