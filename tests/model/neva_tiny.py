@@ -75,6 +75,31 @@ def samples(count: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The training loss of ``batch`` (``llava_loss``) and the gradients it gives, from zeroed gradients."""
+    from neva_tools.train.module import llava_loss
+
+    model.zero_grad(set_to_none=True)
+    loss, _ = llava_loss(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_packed_equals_unpacked(model: Any, unpacked: dict[str, Any],
+                                  packed: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:  # fmt: skip
+    """The packed batch gives the unpacked one's loss and gradients (the vision tower's among them); returns the
+    unpacked loss and gradients."""
+    import pytest
+
+    loss_u, grads_u = loss_and_grads(model, unpacked)
+    loss_p, grads_p = loss_and_grads(model, packed)
+    assert loss_p == pytest.approx(loss_u, abs=1e-5)
+    assert grads_u.keys() == grads_p.keys() and any("vision_model" in n for n in grads_u)
+    for name, grad in grads_u.items():
+        torch.testing.assert_close(grads_p[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    return loss_u, grads_u
+
+
 def loss_of(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
     loss_mask = (b["labels"] != -100).float()
     labels = b["labels"].clamp(min=0)

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import run_distributed
-from neva_tiny import IMAGE, LLM, PATCH, VOCAB, vision_config
+from neva_tiny import IMAGE, LLM, PATCH, VOCAB, assert_packed_equals_unpacked, loss_and_grads, vision_config
 
 from neva_tools.data.anyres import ImageLayout, parse_pinpoints
 from neva_tools.data.dataset import collate, pack_samples
@@ -116,15 +116,6 @@ def _samples(layout: ImageLayout | None) -> list[dict]:
             _item(4, 12, [1, 5], layout), _item(5, 10, [2], layout, frames=2)]  # fmt: skip
 
 
-def _loss_and_grads(model: Any, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    from neva_tools.train.module import llava_loss
-
-    model.zero_grad(set_to_none=True)
-    loss, _ = llava_loss(model, batch)
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("merge", ["spatial_unpad", "none"])
 def test_packed_mixed_media_equal_unpacked(dist: None, merge: str) -> None:
     layout = _layout(merge)
@@ -134,14 +125,9 @@ def test_packed_mixed_media_equal_unpacked(dist: None, merge: str) -> None:
     unpacked = collate(samples)
     assert unpacked["image_sizes"].shape == (5, 3) and unpacked["image_sizes"][:, 2].tolist() == [1, 0, 0, 0, 1]
     packed = collate([pack_samples(samples[:2]), pack_samples(samples[2:])])
-    loss_u, grads_u = _loss_and_grads(model, unpacked)
-    loss_p, grads_p = _loss_and_grads(model, packed)
-    assert loss_p == pytest.approx(loss_u, abs=1e-5)
-    assert grads_u.keys() == grads_p.keys() and any("vision_model" in n for n in grads_u)
-    for name, grad in grads_u.items():
-        torch.testing.assert_close(grads_p[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    loss_u, _ = assert_packed_equals_unpacked(model, unpacked, packed)
     no_mask = {**packed, "cu_seqlens": [None, None]}  # the block-diagonal mask counts the clips' pooled widths
-    assert abs(_loss_and_grads(model, no_mask)[0] - loss_u) > 1e-4
+    assert abs(loss_and_grads(model, no_mask)[0] - loss_u) > 1e-4
 
 
 def video_tp_steps(rank: int, world_size: int, steps: int) -> dict[str, Any]:

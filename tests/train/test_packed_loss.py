@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from dist_helpers import in_process_distributed
-from neva_tiny import IMAGE, VOCAB, build
+from neva_tiny import IMAGE, VOCAB, assert_packed_equals_unpacked, build, loss_and_grads
 
 from neva_tools.data.dataset import collate
 from neva_tools.data.packing import pack_sequences
@@ -47,14 +47,6 @@ def _packed(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "id": "+".join(s["id"] for s in samples)}  # fmt: skip
 
 
-def _loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss, _ = llava_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.item(), grads
-
-
 @pytest.fixture(scope="module")
 def model(dist: None) -> Any:
     torch.manual_seed(0)
@@ -67,27 +59,22 @@ def test_packed_rows_equal_unpacked_rows(model: Any, with_text_only: bool) -> No
     unpacked = collate(samples)
     packed = collate([_packed(samples[:2]), _packed(samples[2:])])  # rows of 2 samples and 1 sample
     assert packed["input_ids"].shape[0] == 2 and unpacked["input_ids"].shape[0] == 3
-    loss_u, grads_u = _loss_and_grads(model, unpacked)
-    loss_p, grads_p = _loss_and_grads(model, packed)
-    assert loss_p == pytest.approx(loss_u, abs=1e-5)
-    assert grads_u.keys() == grads_p.keys() and any("vision_model" in n for n in grads_u)
-    for name, grad in grads_u.items():
-        torch.testing.assert_close(grads_p[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert_packed_equals_unpacked(model, unpacked, packed)
 
 
 def test_packing_without_the_mask_would_differ(model: Any) -> None:
     """The check above can fail: dropping the block mask (plain causal over the row) changes the loss."""
     samples = [_sample(1, 14, 1), _sample(2, 9, 3)]
     packed = collate([_packed(samples)])
-    loss_masked, _ = _loss_and_grads(model, packed)
-    loss_causal, _ = _loss_and_grads(model, {**packed, "cu_seqlens": [None]})
+    loss_masked, _ = loss_and_grads(model, packed)
+    loss_causal, _ = loss_and_grads(model, {**packed, "cu_seqlens": [None]})
     assert abs(loss_masked - loss_causal) > 1e-4
 
 
 def test_text_only_batch_trains_and_touches_vision_parameters(model: Any) -> None:
     batch = collate([_sample(4, 10, None), _sample(5, 7, None)])
     assert batch["images"].numel() == 0
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     assert torch.isfinite(torch.tensor(loss)) and loss > 0
     projector = [n for n in grads if n.startswith("vision_projection.")]
     assert projector and all(float(grads[n].abs().max()) == 0.0 for n in projector)  # used, with zero gradient
