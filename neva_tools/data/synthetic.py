@@ -90,7 +90,12 @@ def make_dataset(root: str | Path, *, train: int = 200, heldout: int = 60, size:
                 "conversations": [{"from": "human", "value": f"<image>\n{question} Answer with one word."},
                                   {"from": "gpt", "value": answer(scene, kind)}],
             })  # fmt: skip
-    paths = {"images": root / "images"}
+    return {"images": root / "images", **write_splits(root, splits)}
+
+
+def write_splits(root: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
+    """Each split's records as ``root/SPLIT.json``; returns the paths by split."""
+    paths = {}
     for split, records in splits.items():
         paths[split] = root / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
@@ -170,11 +175,7 @@ def make_video_dataset(root: str | Path, *, train: int = 64, heldout: int = 16, 
             "conversations": [{"from": "human", "value": f"<video>\n{VIDEO_QUESTION}"},
                               {"from": "gpt", "value": direction}],
         })  # fmt: skip
-    paths = {"videos": root / "videos"}
-    for split, records in splits.items():
-        paths[split] = root / f"{split}.json"
-        paths[split].write_text(json.dumps(records, indent=1))
-    return paths
+    return {"videos": root / "videos", **write_splits(root, splits)}
 
 
 def video_corpus() -> list[str]:
