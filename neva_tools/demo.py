@@ -25,6 +25,7 @@ import torch
 
 from neva_tools import demo_mmbench
 from neva_tools.data import synthetic
+from neva_tools.tokenizer.text import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ def build_llm(out: Path, tokenizer: Path, vocab: int, hidden: int = 128, layers:
     return out
 
 
-def sentencepiece_size(path: Path) -> int:
-    """The number of pieces of a sentencepiece model."""
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
-
-
 def build_clip(out: Path, image_size: int = 32) -> Path:
     """A tiny random open_clip CLIP in open_clip's ``local-dir`` layout."""
     import open_clip
@@ -97,7 +91,8 @@ def prepare(out: Path, *, train: int, heldout: int, image_size: int = 32,
          "--vocab-size", str(VOCAB), "--overwrite")  # fmt: skip
     neva("tokenizer", "add-tokens", "--input", str(out / "tokenizer.model"), "--output",
          str(out / "tokenizer_neva.model"), "--preset", "neva", "--tp", "2", "--overwrite")  # fmt: skip
-    build_llm(out / "llm_hf", out / "tokenizer_neva.model", vocab=sentencepiece_size(out / "tokenizer_neva.model"))
+    tokenizer = out / "tokenizer_neva.model"
+    build_llm(out / "llm_hf", tokenizer, vocab=TextTokenizer(tokenizer).vocab_size)
     neva("convert", "hf-to-nemo", "--input", str(out / "llm_hf"), "--output", str(out / "llm.nemo"), "--overwrite")
     neva("repartition", "--input", str(out / "llm.nemo"), "--output", str(out / "llm_tp2.nemo"), "--tp", "2",
          "--overwrite")  # fmt: skip
