@@ -167,7 +167,7 @@ def _launch(job: Path, workdir: Path, world_size: int, timeout: float, extra_env
         for proc in procs:
             proc.stop()
 
-    codes = [p.returncode for p in procs]
+    codes = [p.poll() for p in procs]  # stopped: each has its status
     if all(code == 0 for code in codes):
         return None
     # Report a rank that raised (it has an error file) before ranks that were merely stopped.
@@ -188,13 +188,8 @@ class _Rank:
     def __init__(self, proc: Any) -> None:
         self.proc = proc
 
-    @property
-    def returncode(self) -> int | None:
-        if isinstance(self.proc, subprocess.Popen):
-            return self.proc.returncode
-        return self.proc.exitcode
-
     def poll(self) -> int | None:
+        """The exit status, None while it runs (a signal's as its negative number)."""
         return self.proc.poll() if isinstance(self.proc, subprocess.Popen) else self.proc.exitcode
 
     def stop(self) -> None:
